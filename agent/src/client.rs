@@ -1,0 +1,191 @@
+//! The agent's HTTPS client for the gateway: certificate pinned, every request
+//! carries the agent's credential, transient failures are retried here and
+//! only here.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tierback_format::ids::ChunkHash;
+use tierback_format::wire::*;
+
+/// Attempts per request for transient failures (connection errors, 5xx but 507).
+const ATTEMPTS: u32 = 4;
+
+/// A connection to the gateway.
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base: String,
+    credential: Option<String>,
+}
+
+/// A failed request, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the gateway at {base}: {cause}")]
+    Transport { base: String, cause: String, retryable: bool },
+    #[error("the gateway refused this agent's credential ({0}); re-enrol the agent")]
+    Unauthorized(String),
+    #[error("gateway answered {status}: {message}")]
+    Status { status: u16, message: String },
+}
+
+impl ClientError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Transport { retryable, .. } => *retryable,
+            ClientError::Status { status, .. } => *status >= 500 && *status != 507,
+            ClientError::Unauthorized(_) => false,
+        }
+    }
+}
+
+impl GatewayClient {
+    pub fn new(base: &str, fingerprint: &str, credential: Option<String>) -> anyhow::Result<Self> {
+        let tls = tierback_format::pin::pinned_client_config(fingerprint)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .context("building the HTTPS client")?;
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("https://") {
+            anyhow::bail!("the gateway URL must start with https:// (got {base})");
+        }
+        Ok(Self { http, base, credential })
+    }
+
+    async fn once(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&'static str, bytes::Bytes)>,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(c) = &self.credential {
+            req = req.bearer_auth(c);
+        }
+        if let Some((ct, b)) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct).body(b);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
+            .map(|b| b.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(ClientError::Unauthorized(message));
+        }
+        Err(ClientError::Status { status: status.as_u16(), message })
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        let retryable = !is_tls_rejection(&e);
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        ClientError::Transport { base: self.base.clone(), cause: cause.to_string(), retryable }
+    }
+
+    /// One request with the retry policy.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&'static str, bytes::Bytes)>,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.once(method.clone(), path, body.clone()).await {
+                Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "request failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let b = serde_json::to_vec(body)?;
+        let out = self.call(reqwest::Method::POST, path, Some(("application/json", b.into()))).await?;
+        serde_json::from_slice(&out).with_context(|| format!("decoding the gateway's answer to {path}"))
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> anyhow::Result<EnrollResponse> {
+        self.post_json("/v1/enroll", req).await.map_err(|e| {
+            if e.downcast_ref::<ClientError>().is_some_and(|c| matches!(c, ClientError::Unauthorized(_))) {
+                anyhow::anyhow!("the gateway refused the enrolment token: it is unknown, expired or already used; get a new one with `tierback-gateway enroll-token`")
+            } else {
+                e
+            }
+        })
+    }
+
+    pub async fn inventory(&self, vms: Vec<VmInfo>) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.post_json("/v1/agent/inventory", &InventoryRequest { vms }).await?;
+        Ok(())
+    }
+
+    pub async fn begin(&self, req: &BeginBackupRequest) -> anyhow::Result<BeginBackupResponse> {
+        self.post_json("/v1/agent/backups", req).await
+    }
+
+    /// Positions of the hashes the gateway lacks.
+    pub async fn lack(&self, session: &str, hashes: Vec<ChunkHash>) -> anyhow::Result<Vec<u32>> {
+        let r: LackResponse = self.post_json(&format!("/v1/agent/backups/{session}/lack"), &LackRequest { hashes }).await?;
+        Ok(r.missing)
+    }
+
+    pub async fn chunks(&self, session: &str, body: Vec<u8>) -> anyhow::Result<ChunksResponse> {
+        let out = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/agent/backups/{session}/chunks"),
+                Some(("application/octet-stream", body.into())),
+            )
+            .await?;
+        Ok(serde_json::from_slice(&out)?)
+    }
+
+    pub async fn stream_index(&self, session: &str, stream: u32, entries: &[(u64, ChunkHash)]) -> anyhow::Result<()> {
+        for part in entries.chunks(64 * 1024) {
+            self.call(
+                reqwest::Method::POST,
+                &format!("/v1/agent/backups/{session}/streams/{stream}/index"),
+                Some(("application/octet-stream", encode_stream_index(part).into())),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn commit(&self, session: &str, req: &CommitRequest) -> anyhow::Result<CommitResponse> {
+        self.post_json(&format!("/v1/agent/backups/{session}/commit"), req).await
+    }
+
+    pub async fn abort(&self, session: &str) {
+        let _ = self.once(reqwest::Method::POST, &format!("/v1/agent/backups/{session}/abort"), None).await;
+    }
+}
+
+/// A pin mismatch or TLS alert is not worth retrying.
+fn is_tls_rejection(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

@@ -1,0 +1,136 @@
+//! Certificate pinning for Tierback's HTTPS clients. The gateway serves a
+//! self-signed certificate made at `init`; agents and remote admin CLIs trust
+//! exactly the certificate whose SHA-256 fingerprint they were given, and no
+//! other — no CA, no hostname. The fingerprint is the SHA-256 of the
+//! certificate's DER bytes, as lowercase hex (colons and case are ignored).
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// Errors building a pinned client.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The fingerprint is not 64 hex digits.
+    #[error("certificate fingerprint must be 64 hex digits (SHA-256), got {0:?}")]
+    BadFingerprint(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// SHA-256 of a DER certificate as lowercase hex.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    hex::encode(Sha256::digest(cert_der))
+}
+
+/// Parses a fingerprint given by a user: hex, optional colons, any case.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], PinError> {
+    let clean: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(clean.to_ascii_lowercase(), &mut out)
+        .map_err(|_| PinError::BadFingerprint(s.to_string()))?;
+    Ok(out)
+}
+
+/// The crypto provider every Tierback TLS endpoint uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client configuration that accepts only the pinned certificate.
+pub fn pinned_client_config(fingerprint_text: &str) -> Result<rustls::ClientConfig, PinError> {
+    let pin = parse_fingerprint(fingerprint_text)?;
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier { pin, provider: provider.clone() });
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if got == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the gateway's certificate fingerprint is {} but {} was pinned",
+                hex::encode(got),
+                hex::encode(self.pin)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_with_colons_and_case() {
+        let fp = fingerprint(b"abc");
+        assert_eq!(fp.len(), 64);
+        let with_colons: String = fp
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap_or("").to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_fingerprint(&with_colons).expect("parse"), parse_fingerprint(&fp).expect("parse"));
+        assert!(parse_fingerprint("abcd").is_err());
+        assert!(pinned_client_config("zz").is_err());
+        assert!(pinned_client_config(&fp).is_ok());
+    }
+}

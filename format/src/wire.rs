@@ -1,0 +1,470 @@
+//! Wire DTOs of the agent ↔ gateway and admin ↔ gateway HTTPS protocol
+//! (documented in docs/protocol.md). JSON bodies are these types; the two bulk
+//! bodies (chunk uploads and stream indexes) use the small binary framings
+//! defined at the end of this module.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChunkHash, ChunkId};
+
+/// Version prefix of every API path.
+pub const API_PREFIX: &str = "/v1";
+
+/// Most hashes one "which do you lack?" request may carry.
+pub const MAX_LACK_BATCH: usize = 4096;
+
+/// Largest body of one chunk upload request.
+pub const MAX_CHUNK_BATCH_BYTES: usize = 64 << 20;
+
+/// Largest chunk size a protection group may use.
+pub const MAX_CHUNK_SIZE: u32 = 8 << 20;
+/// Smallest chunk size a protection group may use.
+pub const MIN_CHUNK_SIZE: u32 = 256 << 10;
+/// Default chunk size.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// Short machine-readable kind: "unauthorized", "not_found", "bad_request", …
+    pub error: String,
+    /// One human-readable line.
+    pub message: String,
+}
+
+/// `POST /v1/enroll` (unauthenticated; the one-time token is the credential).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// One-time enrolment token from `tierback-gateway enroll-token`.
+    pub token: String,
+    /// Host name of the Hyper-V host.
+    pub host_name: String,
+}
+
+/// Answer to [`EnrollRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The agent's id at the gateway.
+    pub agent_id: String,
+    /// Bearer credential the agent sends with every later request.
+    pub credential: String,
+}
+
+/// A virtual disk attached to a VM, as the agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Position in vm.json's `disks` (the "disk N" of the CLI).
+    pub index: u32,
+    /// Path relative to the VM folder, `/`-separated, as in vm.json.
+    pub path: String,
+    /// Controller type (SCSI, IDE).
+    pub controller: String,
+    /// Controller location, e.g. "0:1".
+    pub location: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Logical sector size in bytes (512 or 4096).
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Container format and chain, for humans ("dynamic VHDX, …").
+    pub format: String,
+}
+
+/// A VM as the agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    /// The VM's id (survives renames and moves).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Hyper-V generation (1 or 2).
+    pub generation: u32,
+    /// Configuration version, e.g. "9.0".
+    pub config_version: String,
+    /// Running, Off, Saved, Paused.
+    pub state: String,
+    /// Folder of the VM on its host (for humans and for restore-to-original).
+    pub folder: String,
+    /// Disks in vm.json order.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// `POST /v1/agent/inventory`: the agent's current view of its host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryRequest {
+    /// Every VM found under the host root.
+    pub vms: Vec<VmInfo>,
+}
+
+/// What a stream of a recovery point holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// A virtual disk's contents (virtual-disk offsets, not the container).
+    Disk,
+    /// A configuration file carried byte for byte (vm.json, .vmcx, .vmrs, .vmgs).
+    Config,
+}
+
+/// One stream announced at the start of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// Number of the stream inside the point: disks first (0..n in vm.json
+    /// order), then config files.
+    pub stream_no: u32,
+    /// Disk or config file.
+    pub kind: StreamKind,
+    /// Path relative to the VM folder.
+    pub path: String,
+    /// Controller type (disks only).
+    pub controller: Option<String>,
+    /// Controller location (disks only).
+    pub location: Option<String>,
+    /// Bytes of the stream (virtual size or file size).
+    pub size: u64,
+    /// Logical sector size (disks; 512 for config files).
+    pub logical_sector_size: u32,
+    /// Physical sector size (disks; 512 for config files).
+    pub physical_sector_size: u32,
+}
+
+/// `POST /v1/agent/backups`: opens a backup session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BeginBackupRequest {
+    /// The VM being backed up.
+    pub vm: VmInfo,
+    /// Every stream the point will hold.
+    pub streams: Vec<StreamSpec>,
+    /// Full (re-read everything) rather than incremental.
+    pub full: bool,
+}
+
+/// Answer to [`BeginBackupRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BeginBackupResponse {
+    /// Session id for the following requests.
+    pub session_id: String,
+    /// Chunk size to cut streams into.
+    pub chunk_size: u32,
+}
+
+/// `POST /v1/agent/backups/{session}/lack`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LackRequest {
+    /// Plaintext BLAKE3 hashes of chunks the agent is about to send.
+    pub hashes: Vec<ChunkHash>,
+}
+
+/// Answer to [`LackRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LackResponse {
+    /// Positions (in the request) of the hashes the gateway lacks.
+    pub missing: Vec<u32>,
+}
+
+/// Answer to a chunk upload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChunksResponse {
+    /// Chunks newly stored.
+    pub stored: u32,
+    /// Chunks the gateway already had.
+    pub duplicate: u32,
+    /// Bytes they take in the store (compressed, sealed).
+    pub stored_bytes: u64,
+}
+
+/// `POST /v1/agent/backups/{session}/commit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// Bytes the agent read from source disks.
+    pub bytes_read: u64,
+    /// Chunk bytes the agent sent.
+    pub bytes_sent: u64,
+}
+
+/// Answer to [`CommitRequest`]: the recovery point is visible.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitResponse {
+    /// Id of the new recovery point.
+    pub point: String,
+    /// Non-zero bytes the point covers.
+    pub logical_bytes: u64,
+    /// Bytes newly stored for this point.
+    pub stored_bytes: u64,
+}
+
+/// A VM as the gateway knows it (`vms`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// VM id.
+    pub id: String,
+    /// Latest known name.
+    pub name: String,
+    /// Agent (host) that reported it last.
+    pub agent_id: String,
+    /// Host name of that agent.
+    pub host_name: String,
+    /// Power state when last reported.
+    pub state: String,
+    /// Disks when last reported.
+    pub disks: Vec<DiskInfo>,
+    /// Number of recovery points.
+    pub points: u64,
+    /// Time of the newest point (RFC 3339), if any.
+    pub last_point: Option<String>,
+}
+
+/// A recovery point (`points`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointSummary {
+    /// Point id.
+    pub id: String,
+    /// VM id.
+    pub vm_id: String,
+    /// VM name at backup time.
+    pub vm_name: String,
+    /// Creation time, RFC 3339.
+    pub time: String,
+    /// "full" or "incremental".
+    pub kind: String,
+    /// Tiers holding the point ("local", later "cloud").
+    pub tiers: Vec<String>,
+    /// Non-zero bytes the point covers.
+    pub logical_bytes: u64,
+    /// Bytes newly stored for this point (after dedup, compression, sealing).
+    pub stored_bytes: u64,
+    /// Bytes read from source disks.
+    pub bytes_read: u64,
+    /// Chunk bytes sent by the agent.
+    pub bytes_sent: u64,
+    /// "committed".
+    pub state: String,
+}
+
+/// One stream of a point, as restore needs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamSummary {
+    /// Stream number.
+    pub stream_no: u32,
+    /// Disk or config.
+    pub kind: StreamKind,
+    /// Path relative to the VM folder at backup time.
+    pub path: String,
+    /// Controller (disks).
+    pub controller: Option<String>,
+    /// Location (disks).
+    pub location: Option<String>,
+    /// Bytes.
+    pub size: u64,
+    /// Chunk size the stream was cut into.
+    pub chunk_size: u32,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// Stored (non-zero) chunks.
+    pub chunk_count: u64,
+}
+
+/// `GET /v1/admin/points/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointDetail {
+    /// The point.
+    pub point: PointSummary,
+    /// Its streams.
+    pub streams: Vec<StreamSummary>,
+}
+
+/// `GET /v1/admin/points/{id}/streams/{n}/extents`: the chunk numbers that hold
+/// data; every other chunk of the stream is zeros.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamExtents {
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Stream size in bytes.
+    pub size: u64,
+    /// Sorted chunk numbers present in the index.
+    pub chunks: Vec<u64>,
+}
+
+/// `POST /v1/admin/enroll-tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollTokenResponse {
+    /// One-time token.
+    pub token: String,
+    /// Expiry, RFC 3339.
+    pub expires: String,
+}
+
+/// `POST /v1/admin/verify`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// Restrict to one point (all points otherwise).
+    pub point: Option<String>,
+}
+
+/// A damaged chunk found by verify.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DamagedChunkReport {
+    /// Stored chunk id (hex).
+    pub chunk: String,
+    /// Pack holding it.
+    pub pack: String,
+    /// Offset in the pack.
+    pub offset: u64,
+    /// What failed.
+    pub reason: String,
+    /// Every recovery point that needs it.
+    pub points: Vec<String>,
+}
+
+/// Result of verify.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    /// Points examined.
+    pub points_checked: u64,
+    /// Chunks re-read.
+    pub chunks_checked: u64,
+    /// Plaintext bytes re-hashed.
+    pub bytes_checked: u64,
+    /// Damaged chunks.
+    pub damaged: Vec<DamagedChunkReport>,
+    /// Damaged stream indexes: (point, stream, reason).
+    pub damaged_indexes: Vec<(String, u32, String)>,
+}
+
+/// A job (`jobs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Job id.
+    pub id: String,
+    /// "backup", …
+    pub kind: String,
+    /// VM id.
+    pub vm_id: Option<String>,
+    /// VM name.
+    pub vm_name: Option<String>,
+    /// running, succeeded, failed, abandoned.
+    pub state: String,
+    /// Start time, RFC 3339.
+    pub started: String,
+    /// End time, RFC 3339.
+    pub finished: Option<String>,
+    /// Outcome line.
+    pub message: Option<String>,
+    /// Recovery point made.
+    pub point: Option<String>,
+}
+
+// ---- binary framings ------------------------------------------------------
+
+/// Errors of the binary framings.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The body ended inside a record.
+    #[error("truncated {0} record")]
+    Truncated(&'static str),
+    /// A record declares a length beyond the allowed maximum.
+    #[error("chunk record of {0} bytes exceeds the {MAX_CHUNK_SIZE}-byte maximum")]
+    TooLarge(u64),
+}
+
+/// Appends one chunk record (`hash[32] | len u32 LE | data`) to a chunk upload body.
+pub fn put_chunk_record(body: &mut Vec<u8>, hash: &ChunkHash, data: &[u8]) {
+    body.extend_from_slice(&hash.0);
+    body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    body.extend_from_slice(data);
+}
+
+/// Splits a chunk upload body into (hash, byte range of data) records.
+pub fn parse_chunk_records(
+    body: &[u8],
+) -> Result<Vec<(ChunkHash, std::ops::Range<usize>)>, FrameError> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < body.len() {
+        if body.len() - pos < 36 {
+            return Err(FrameError::Truncated("chunk"));
+        }
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&body[pos..pos + 32]);
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&body[pos + 32..pos + 36]);
+        let len = u32::from_le_bytes(l);
+        if len > MAX_CHUNK_SIZE {
+            return Err(FrameError::TooLarge(len as u64));
+        }
+        let start = pos + 36;
+        let end = start
+            .checked_add(len as usize)
+            .ok_or(FrameError::Truncated("chunk"))?;
+        if end > body.len() {
+            return Err(FrameError::Truncated("chunk"));
+        }
+        out.push((ChunkHash(h), start..end));
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// Encodes a stream index upload: (`chunk_no u64 LE | hash[32]`)*.
+pub fn encode_stream_index(entries: &[(u64, ChunkHash)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 40);
+    for (n, h) in entries {
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&h.0);
+    }
+    out
+}
+
+/// Decodes a stream index upload.
+pub fn decode_stream_index(body: &[u8]) -> Result<Vec<(u64, ChunkHash)>, FrameError> {
+    if body.len() % 40 != 0 {
+        return Err(FrameError::Truncated("index"));
+    }
+    Ok(body
+        .chunks_exact(40)
+        .map(|r| {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&r[..8]);
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&r[8..]);
+            (u64::from_le_bytes(n), ChunkHash(h))
+        })
+        .collect())
+}
+
+/// Id of the chunk in the index of a point; re-exported for convenience.
+pub type StoredChunkId = ChunkId;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_records_round_trip_and_reject_truncation() {
+        let mut body = Vec::new();
+        put_chunk_record(&mut body, &ChunkHash([1; 32]), b"hello");
+        put_chunk_record(&mut body, &ChunkHash([2; 32]), b"");
+        let recs = parse_chunk_records(&body).expect("parse");
+        assert_eq!(recs.len(), 2);
+        assert_eq!(&body[recs[0].1.clone()], b"hello");
+        assert_eq!(recs[1].0, ChunkHash([2; 32]));
+        assert_eq!(
+            parse_chunk_records(&body[..body.len() - 1]),
+            Err(FrameError::Truncated("chunk"))
+        );
+        let mut huge = vec![0u8; 32];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse_chunk_records(&huge), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn stream_index_round_trip() {
+        let e = vec![(0u64, ChunkHash([9; 32])), (77, ChunkHash([3; 32]))];
+        let b = encode_stream_index(&e);
+        assert_eq!(decode_stream_index(&b).expect("decode"), e);
+        assert!(decode_stream_index(&b[..41]).is_err());
+    }
+}

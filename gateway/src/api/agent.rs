@@ -1,0 +1,318 @@
+//! Agent routes: enrolment, inventory, and the backup session protocol
+//! (begin → lack/chunks/index … → commit), see docs/protocol.md.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::Json;
+use tierback_format::ids::{ChunkHash, PointId};
+use tierback_format::index::DiskIndex;
+use tierback_format::wire::*;
+
+use super::session::Session;
+use super::{random_secret, secret_hash, AgentAuth, ApiError, SharedState, AGENT_CREDENTIAL_PREFIX};
+use crate::catalog::{NewPoint, NewStream};
+use crate::chunk_store::PutOutcome;
+
+pub async fn enroll(State(st): State<SharedState>, Json(req): Json<EnrollRequest>) -> Result<Json<EnrollResponse>, ApiError> {
+    if req.host_name.is_empty() || req.host_name.len() > 255 {
+        return Err(ApiError::BadRequest("host_name must be 1–255 characters".into()));
+    }
+    let agent_id = format!("agent-{}", &random_secret()[..16]);
+    let credential = format!("{AGENT_CREDENTIAL_PREFIX}{agent_id}.{}", random_secret());
+    let ok = st
+        .catalog
+        .enroll_agent(&secret_hash(req.token.trim()), &agent_id, &req.host_name, &secret_hash(&credential))
+        .await?;
+    if !ok {
+        return Err(ApiError::Unauthorized);
+    }
+    tracing::info!(agent = %agent_id, host = %req.host_name, "agent enrolled");
+    Ok(Json(EnrollResponse { agent_id, credential }))
+}
+
+pub async fn inventory(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Json(req): Json<InventoryRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    for vm in &req.vms {
+        record_vm(&st, &agent.id, vm).await?;
+    }
+    Ok(Json(serde_json::json!({ "vms": req.vms.len() })))
+}
+
+async fn record_vm(st: &SharedState, agent_id: &str, vm: &VmInfo) -> Result<(), ApiError> {
+    validate_vm(vm)?;
+    let descriptor = serde_json::to_string(vm).map_err(|e| ApiError::Internal(e.to_string()))?;
+    st.catalog.upsert_vm(&vm.id, &vm.name, agent_id, &vm.state, &descriptor).await?;
+    Ok(())
+}
+
+fn validate_vm(vm: &VmInfo) -> Result<(), ApiError> {
+    if vm.id.is_empty() || vm.id.len() > 64 || !vm.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(ApiError::BadRequest(format!("VM id {:?} is not a GUID-like id", vm.id)));
+    }
+    if vm.name.is_empty() || vm.name.len() > 255 {
+        return Err(ApiError::BadRequest("VM name must be 1–255 characters".into()));
+    }
+    Ok(())
+}
+
+pub async fn begin_backup(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Json(req): Json<BeginBackupRequest>,
+) -> Result<Json<BeginBackupResponse>, ApiError> {
+    record_vm(&st, &agent.id, &req.vm).await?;
+    for (i, s) in req.streams.iter().enumerate() {
+        if s.stream_no as usize != i {
+            return Err(ApiError::BadRequest("streams must be numbered 0, 1, 2, … in order".into()));
+        }
+        if s.path.is_empty() || s.path.starts_with('/') || s.path.split('/').any(|c| c == "..") {
+            return Err(ApiError::BadRequest(format!("stream path {:?} must be relative inside the VM folder", s.path)));
+        }
+        if ![512, 4096].contains(&s.logical_sector_size) {
+            return Err(ApiError::BadRequest(format!("stream {i}: logical sector size must be 512 or 4096")));
+        }
+    }
+    let session_id = random_secret()[..32].to_string();
+    let job_id = format!("job-{}", &random_secret()[..16]);
+    st.catalog.start_job(&job_id, "backup", &req.vm.id, &req.vm.name, &agent.id).await?;
+    let chunk_size = st.cfg.chunk_size;
+    // The first point of a VM is a full whatever the agent asked.
+    let first = st.catalog.list_points(Some(&req.vm.id)).await?.is_empty();
+    st.sessions.insert(Session {
+        id: session_id.clone(),
+        agent_id: agent.id.clone(),
+        job_id,
+        vm: req.vm,
+        streams: req.streams,
+        full: req.full || first,
+        chunk_size,
+        indexes: HashMap::new(),
+        stored_bytes: 0,
+        stored_chunks: 0,
+        last_activity: Instant::now(),
+    });
+    Ok(Json(BeginBackupResponse { session_id, chunk_size }))
+}
+
+async fn session(
+    st: &SharedState,
+    id: &str,
+    agent_id: &str,
+) -> Result<std::sync::Arc<tokio::sync::Mutex<Session>>, ApiError> {
+    st.sessions
+        .get(id, agent_id)
+        .await
+        .ok_or_else(|| ApiError::NotFound("no such backup session (it may have expired): start a new backup".into()))
+}
+
+pub async fn lack(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path(sid): Path<String>,
+    Json(req): Json<LackRequest>,
+) -> Result<Json<LackResponse>, ApiError> {
+    session(&st, &sid, &agent.id).await?;
+    if req.hashes.len() > MAX_LACK_BATCH {
+        return Err(ApiError::BadRequest(format!("at most {MAX_LACK_BATCH} hashes per request")));
+    }
+    let lacking = st.store.lacking(&req.hashes).await?;
+    let missing = lacking.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i as u32).collect();
+    Ok(Json(LackResponse { missing }))
+}
+
+pub async fn chunks(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path(sid): Path<String>,
+    body: Bytes,
+) -> Result<Json<ChunksResponse>, ApiError> {
+    let sess = session(&st, &sid, &agent.id).await?;
+    let records = parse_chunk_records(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut resp = ChunksResponse::default();
+    // Chunks of one request are stored concurrently; the store serialises
+    // only the append to the open pack.
+    let mut set = tokio::task::JoinSet::new();
+    for (hash, range) in records {
+        let store = st.store.clone();
+        let data = body.slice(range);
+        set.spawn(async move { store.put(hash, data).await });
+        if set.len() >= 4 {
+            if let Some(r) = set.join_next().await {
+                tally(&mut resp, r)?;
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        tally(&mut resp, r)?;
+    }
+    let mut s = sess.lock().await;
+    s.stored_bytes += resp.stored_bytes;
+    s.stored_chunks += resp.stored as u64;
+    Ok(Json(resp))
+}
+
+fn tally(
+    resp: &mut ChunksResponse,
+    r: Result<Result<PutOutcome, crate::chunk_store::StoreError>, tokio::task::JoinError>,
+) -> Result<(), ApiError> {
+    match r.map_err(|e| ApiError::Internal(format!("chunk task failed: {e}")))?? {
+        PutOutcome::Stored { stored_bytes } => {
+            resp.stored += 1;
+            resp.stored_bytes += stored_bytes;
+        }
+        PutOutcome::Duplicate => resp.duplicate += 1,
+    }
+    Ok(())
+}
+
+pub async fn stream_index(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path((sid, stream)): Path<(String, u32)>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sess = session(&st, &sid, &agent.id).await?;
+    let entries = decode_stream_index(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut s = sess.lock().await;
+    if stream as usize >= s.streams.len() {
+        return Err(ApiError::BadRequest(format!("stream {stream} was not announced")));
+    }
+    let v = s.indexes.entry(stream).or_default();
+    v.extend(entries);
+    let n = v.len();
+    Ok(Json(serde_json::json!({ "entries": n })))
+}
+
+pub async fn abort(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path(sid): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sess = session(&st, &sid, &agent.id).await?;
+    st.sessions.remove(&sid);
+    let job = sess.lock().await.job_id.clone();
+    st.catalog.finish_job(&job, "failed", "aborted by the agent", None).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+pub async fn commit(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path(sid): Path<String>,
+    Json(req): Json<CommitRequest>,
+) -> Result<Json<CommitResponse>, ApiError> {
+    let sess = session(&st, &sid, &agent.id).await?;
+    let mut s = sess.lock().await;
+    let job_id = s.job_id.clone();
+    match commit_locked(&st, &agent.id, &mut s, &req).await {
+        Ok(resp) => {
+            st.sessions.remove(&sid);
+            st.catalog
+                .finish_job(&job_id, "succeeded", &format!("point {}", resp.point), Some(&resp.point))
+                .await?;
+            tracing::info!(vm = %s.vm.name, point = %resp.point, stored = resp.stored_bytes, "recovery point committed");
+            Ok(Json(resp))
+        }
+        Err(e) => {
+            // The session stays open: the agent may send what was missing and commit again.
+            tracing::warn!(vm = %s.vm.name, error = %e, "commit refused");
+            Err(e)
+        }
+    }
+}
+
+async fn commit_locked(
+    st: &SharedState,
+    agent_id: &str,
+    s: &mut Session,
+    req: &CommitRequest,
+) -> Result<CommitResponse, ApiError> {
+    // Rule 1: every chunk durable before an index names it.
+    st.store.flush().await?;
+    let point = PointId::random();
+    let cs = s.chunk_size as u64;
+    let mut logical_bytes = 0u64;
+    let mut streams = Vec::with_capacity(s.streams.len());
+    for spec in &s.streams {
+        let mut entries = s.indexes.remove(&spec.stream_no).unwrap_or_default();
+        // A part re-sent after a lost answer repeats entries; identical
+        // repeats are harmless, two hashes for one chunk are not.
+        entries.sort_by(|a, b| a.0.cmp(&b.0).then(a.1 .0.cmp(&b.1 .0)));
+        entries.dedup();
+        if entries.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(ApiError::BadRequest(format!(
+                "stream {}: a chunk number has two different hashes",
+                spec.stream_no
+            )));
+        }
+        let nchunks = spec.size.div_ceil(cs);
+        if let Some(last) = entries.last() {
+            if last.0 >= nchunks {
+                return Err(ApiError::BadRequest(format!(
+                    "stream {}: chunk {} lies beyond the stream's {} bytes",
+                    spec.stream_no, last.0, spec.size
+                )));
+            }
+        }
+        let ids: Vec<_> = entries.iter().map(|(_, h): &(u64, ChunkHash)| st.store.chunk_id(h)).collect();
+        let missing = st.store.missing(&ids).await?;
+        if !missing.is_empty() {
+            // Put the entries back so a retry after re-sending can commit.
+            s.indexes.insert(spec.stream_no, entries);
+            return Err(ApiError::Conflict(format!(
+                "stream {}: {} chunk(s) named by the index were never received; send them and commit again",
+                spec.stream_no,
+                missing.len()
+            )));
+        }
+        for (n, _) in &entries {
+            logical_bytes += cs.min(spec.size - n * cs);
+        }
+        let index = DiskIndex {
+            size: spec.size,
+            chunk_size: s.chunk_size,
+            entries: entries.iter().zip(&ids).map(|((n, _), id)| (*n, *id)).collect(),
+        };
+        // Rule 2: the index is durable before the point that names it.
+        st.store.write_index(&point, spec.stream_no, &index).await?;
+        streams.push(NewStream {
+            stream_no: spec.stream_no,
+            kind: match spec.kind {
+                StreamKind::Disk => "disk".into(),
+                StreamKind::Config => "config".into(),
+            },
+            path: spec.path.clone(),
+            controller: spec.controller.clone(),
+            location: spec.location.clone(),
+            size: spec.size,
+            chunk_size: s.chunk_size,
+            logical_sector: spec.logical_sector_size,
+            physical_sector: spec.physical_sector_size,
+            chunk_count: index.entries.len() as u64,
+        });
+    }
+    // Rule 3: one transaction makes the point visible.
+    st.catalog
+        .commit_point(&NewPoint {
+            id: point,
+            vm_id: s.vm.id.clone(),
+            vm_name: s.vm.name.clone(),
+            created_at: crate::catalog::now_secs(),
+            kind: if s.full { "full".into() } else { "incremental".into() },
+            agent_id: agent_id.to_string(),
+            job_id: Some(s.job_id.clone()),
+            logical_bytes,
+            stored_bytes: s.stored_bytes,
+            bytes_read: req.bytes_read,
+            bytes_sent: req.bytes_sent,
+            streams,
+        })
+        .await?;
+    Ok(CommitResponse { point: point.to_string(), logical_bytes, stored_bytes: s.stored_bytes })
+}

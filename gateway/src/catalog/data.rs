@@ -1,0 +1,646 @@
+//! Data-plane tables: sealed packs, chunk locations, committed recovery points
+//! and their streams (schema in `migrations/0002_data.sql`).
+//!
+//! Write ordering (DESIGN.md §6): a pack and its chunks are inserted in one
+//! transaction only after the pack file is durable; a point and its streams are
+//! inserted in one transaction only after every index it names is durable.
+//! This module does not check those preconditions: the chunk store and the
+//! commit handler do.
+
+use std::collections::HashMap;
+
+use tierback_format::ids::{ChunkId, PackId, PointId};
+use tierback_format::pack::TocEntry;
+
+use super::{Catalog, CatalogError, Result};
+
+/// Ids per `IN (…)` statement of batched lookups (DESIGN.md §4: batched
+/// lookups are ~10× faster than single-key ones on SQLite).
+pub const LOOKUP_BATCH: usize = 256;
+
+/// Where a chunk lives in the local tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// Pack holding the chunk's sealed record.
+    pub pack_id: PackId,
+    /// Offset of the record in the pack file.
+    pub offset: u64,
+    /// Length of the sealed record.
+    pub len: u32,
+    /// Length of the chunk's plaintext.
+    pub raw_len: u32,
+}
+
+/// A pack to record (its chunks are passed alongside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewPack {
+    /// Pack id.
+    pub id: PackId,
+    /// Bytes of the pack file.
+    pub size: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A recorded pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackRow {
+    /// Pack id.
+    pub id: PackId,
+    /// Bytes of the pack file.
+    pub size: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// `sealed` (tiering may add states).
+    pub state: String,
+}
+
+/// A recovery point to commit, with its streams.
+#[derive(Debug, Clone)]
+pub struct NewPoint {
+    pub id: PointId,
+    pub vm_id: String,
+    pub vm_name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// `full` or `incremental`.
+    pub kind: String,
+    pub agent_id: String,
+    pub job_id: Option<String>,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub streams: Vec<NewStream>,
+}
+
+/// One stream (virtual disk or configuration file) of a new point.
+#[derive(Debug, Clone)]
+pub struct NewStream {
+    pub stream_no: u32,
+    /// `disk` or `config`.
+    pub kind: String,
+    pub path: String,
+    pub controller: Option<String>,
+    pub location: Option<String>,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    /// Stored (non-zero) chunks in the stream's index.
+    pub chunk_count: u64,
+}
+
+/// A committed recovery point as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PointRow {
+    /// 32 lowercase hex characters.
+    pub id: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub created_at: i64,
+    pub kind: String,
+    pub state: String,
+    pub agent_id: String,
+    pub job_id: Option<String>,
+    pub logical_bytes: i64,
+    pub stored_bytes: i64,
+    pub bytes_read: i64,
+    pub bytes_sent: i64,
+}
+
+/// A stream of a committed point as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StreamRow {
+    pub point_id: String,
+    pub stream_no: i64,
+    pub kind: String,
+    pub path: String,
+    pub controller: Option<String>,
+    pub location: Option<String>,
+    pub size: i64,
+    pub chunk_size: i64,
+    pub logical_sector: i64,
+    pub physical_sector: i64,
+    pub chunk_count: i64,
+}
+
+const POINT_COLUMNS: &str = "id, vm_id, vm_name, created_at, kind, state, agent_id, job_id, \
+     logical_bytes, stored_bytes, bytes_read, bytes_sent";
+const STREAM_COLUMNS: &str =
+    "point_id, stream_no, kind, path, controller, location, size, chunk_size, \
+     logical_sector, physical_sector, chunk_count";
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v)
+        .map_err(|_| CatalogError::Invalid(format!("{what} {v} does not fit the catalog")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v)
+        .map_err(|_| CatalogError::Invalid(format!("catalog holds a negative {what} ({v})")))
+}
+
+fn to_u32(v: i64, what: &str) -> Result<u32> {
+    u32::try_from(v)
+        .map_err(|_| CatalogError::Invalid(format!("catalog holds an out-of-range {what} ({v})")))
+}
+
+type ChunkTuple = (Vec<u8>, Vec<u8>, i64, i64, i64);
+
+fn decode_location(row: ChunkTuple) -> Result<(ChunkId, ChunkLocation)> {
+    let (id, pack, offset, len, raw_len) = row;
+    let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
+    Ok((
+        ChunkId::from_slice(&id).map_err(bad)?,
+        ChunkLocation {
+            pack_id: PackId::from_slice(&pack).map_err(bad)?,
+            offset: to_u64(offset, "chunk offset")?,
+            len: to_u32(len, "chunk length")?,
+            raw_len: to_u32(raw_len, "chunk raw length")?,
+        },
+    ))
+}
+
+impl Catalog {
+    /// Locations of `ids` (aligned with the input; `None` = not stored),
+    /// looked up [`LOOKUP_BATCH`] at a time.
+    pub async fn lookup_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLocation>>> {
+        let mut found: HashMap<ChunkId, ChunkLocation> = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(LOOKUP_BATCH) {
+            let sql = format!(
+                "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id IN ({})",
+                vec!["?"; batch.len()].join(", ")
+            );
+            let mut q = sqlx::query_as::<_, ChunkTuple>(&sql);
+            for id in batch {
+                q = q.bind(&id.0[..]);
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let (id, loc) = decode_location(row)?;
+                found.insert(id, loc);
+            }
+        }
+        Ok(ids.iter().map(|id| found.get(id).copied()).collect())
+    }
+
+    /// Location of one chunk.
+    pub async fn chunk_location(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
+        let row = sqlx::query_as::<_, ChunkTuple>(
+            "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id = ?",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(decode_location)
+            .transpose()
+            .map(|o| o.map(|(_, loc)| loc))
+    }
+
+    /// Records a durable pack and its chunks in one transaction. Idempotent:
+    /// a pack or chunk already recorded is left as it is (a chunk keeps its
+    /// first location).
+    pub async fn insert_pack_with_chunks(&self, pack: &NewPack, chunks: &[TocEntry]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO packs (id, size, created_at, state) VALUES (?, ?, ?, 'sealed')",
+        )
+        .bind(&pack.id.0[..])
+        .bind(to_i64(pack.size, "pack size")?)
+        .bind(pack.created_at)
+        .execute(&mut *tx)
+        .await?;
+        for c in chunks {
+            sqlx::query(
+                "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&c.chunk_id.0[..])
+            .bind(&pack.id.0[..])
+            .bind(to_i64(c.offset, "chunk offset")?)
+            .bind(i64::from(c.len))
+            .bind(i64::from(c.raw_len))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One recorded pack.
+    pub async fn get_pack(&self, id: &PackId) -> Result<Option<PackRow>> {
+        let row = sqlx::query_as::<_, (Vec<u8>, i64, i64, String)>(
+            "SELECT id, size, created_at, state FROM packs WHERE id = ?",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(id, size, created_at, state)| {
+            Ok(PackRow {
+                id: PackId::from_slice(&id).map_err(|e| CatalogError::Invalid(e.to_string()))?,
+                size: to_u64(size, "pack size")?,
+                created_at,
+                state,
+            })
+        })
+        .transpose()
+    }
+
+    /// Makes a recovery point and its streams visible in ONE transaction
+    /// (DESIGN.md §6 rule 3). The caller has made every index durable first.
+    pub async fn commit_point(&self, p: &NewPoint) -> Result<()> {
+        let id = p.id.to_string();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO points ({POINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&id)
+        .bind(&p.vm_id)
+        .bind(&p.vm_name)
+        .bind(p.created_at)
+        .bind(&p.kind)
+        .bind(&p.agent_id)
+        .bind(&p.job_id)
+        .bind(to_i64(p.logical_bytes, "logical bytes")?)
+        .bind(to_i64(p.stored_bytes, "stored bytes")?)
+        .bind(to_i64(p.bytes_read, "bytes read")?)
+        .bind(to_i64(p.bytes_sent, "bytes sent")?)
+        .execute(&mut *tx)
+        .await?;
+        for s in &p.streams {
+            sqlx::query(&format!(
+                "INSERT INTO point_streams ({STREAM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(&id)
+            .bind(i64::from(s.stream_no))
+            .bind(&s.kind)
+            .bind(&s.path)
+            .bind(&s.controller)
+            .bind(&s.location)
+            .bind(to_i64(s.size, "stream size")?)
+            .bind(i64::from(s.chunk_size))
+            .bind(i64::from(s.logical_sector))
+            .bind(i64::from(s.physical_sector))
+            .bind(to_i64(s.chunk_count, "chunk count")?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Committed points, newest first; `vm` matches the VM id or name.
+    pub async fn list_points(&self, vm: Option<&str>) -> Result<Vec<PointRow>> {
+        let base = format!("SELECT {POINT_COLUMNS} FROM points WHERE state = 'committed'");
+        let order = "ORDER BY created_at DESC, id DESC";
+        let rows = match vm {
+            // Two indexed lookups instead of one OR that would scan.
+            Some(vm) => {
+                sqlx::query_as::<_, PointRow>(&format!(
+                    "{base} AND vm_id = ? UNION {base} AND vm_name = ? {order}"
+                ))
+                .bind(vm)
+                .bind(vm)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as::<_, PointRow>(&format!("{base} {order}"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// One committed point and its streams (ordered by stream number).
+    pub async fn get_point(&self, id: &PointId) -> Result<Option<(PointRow, Vec<StreamRow>)>> {
+        let id = id.to_string();
+        let Some(point) = sqlx::query_as::<_, PointRow>(&format!(
+            "SELECT {POINT_COLUMNS} FROM points WHERE id = ? AND state = 'committed'"
+        ))
+        .bind(&id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let streams = sqlx::query_as::<_, StreamRow>(&format!(
+            "SELECT {STREAM_COLUMNS} FROM point_streams WHERE point_id = ? ORDER BY stream_no"
+        ))
+        .bind(&id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some((point, streams)))
+    }
+
+    /// Ids of every committed point, oldest first.
+    pub async fn all_point_ids(&self) -> Result<Vec<PointId>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM points WHERE state = 'committed' ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|s| {
+                s.parse().map_err(|e: tierback_format::ids::IdError| {
+                    CatalogError::Invalid(e.to_string())
+                })
+            })
+            .collect()
+    }
+
+    /// (point, stream number) of every stream of every committed point.
+    pub async fn committed_streams(&self) -> Result<Vec<(PointId, u32)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT s.point_id, s.stream_no FROM point_streams s JOIN points p ON p.id = s.point_id \
+             WHERE p.state = 'committed' ORDER BY p.created_at, s.point_id, s.stream_no",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(p, s)| {
+                let p = p.parse().map_err(|e: tierback_format::ids::IdError| {
+                    CatalogError::Invalid(e.to_string())
+                })?;
+                Ok((p, to_u32(s, "stream number")?))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("open catalog");
+        (dir, c)
+    }
+
+    fn entry(id: u8, offset: u64) -> TocEntry {
+        TocEntry {
+            chunk_id: ChunkId([id; 32]),
+            offset,
+            len: 100 + u32::from(id),
+            raw_len: 1000,
+        }
+    }
+
+    fn point(id: u8, vm: &str, name: &str, at: i64) -> NewPoint {
+        NewPoint {
+            id: PointId([id; 16]),
+            vm_id: vm.into(),
+            vm_name: name.into(),
+            created_at: at,
+            kind: "full".into(),
+            agent_id: "agent-1".into(),
+            job_id: Some("job-1".into()),
+            logical_bytes: 10,
+            stored_bytes: 5,
+            bytes_read: 11,
+            bytes_sent: 6,
+            streams: vec![
+                NewStream {
+                    stream_no: 1,
+                    kind: "config".into(),
+                    path: "Virtual Machines/x.vmcx".into(),
+                    controller: None,
+                    location: None,
+                    size: 4096,
+                    chunk_size: 1 << 20,
+                    logical_sector: 512,
+                    physical_sector: 4096,
+                    chunk_count: 1,
+                },
+                NewStream {
+                    stream_no: 0,
+                    kind: "disk".into(),
+                    path: "Virtual Hard Disks/a.vhdx".into(),
+                    controller: Some("scsi".into()),
+                    location: Some("0:0".into()),
+                    size: 1 << 30,
+                    chunk_size: 1 << 20,
+                    logical_sector: 512,
+                    physical_sector: 4096,
+                    chunk_count: 7,
+                },
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn packs_and_chunks() {
+        let (_d, c) = catalog().await;
+        let pack = NewPack {
+            id: PackId([1; 16]),
+            size: 999,
+            created_at: 42,
+        };
+        let ids: Vec<ChunkId> = (0..600u32)
+            .map(|i| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .collect();
+        let entries: Vec<TocEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| TocEntry {
+                chunk_id: *id,
+                offset: 32 + i as u64 * 10,
+                len: 10,
+                raw_len: 20,
+            })
+            .collect();
+        assert!(c
+            .lookup_chunks(&ids)
+            .await
+            .expect("lookup")
+            .iter()
+            .all(Option::is_none));
+        c.insert_pack_with_chunks(&pack, &entries)
+            .await
+            .expect("insert");
+        // Idempotent, and a chunk keeps its first location.
+        c.insert_pack_with_chunks(&pack, &entries)
+            .await
+            .expect("insert again");
+        let other = NewPack {
+            id: PackId([2; 16]),
+            size: 5,
+            created_at: 43,
+        };
+        c.insert_pack_with_chunks(
+            &other,
+            &[TocEntry {
+                chunk_id: ids[3],
+                offset: 32,
+                len: 1,
+                raw_len: 1,
+            }],
+        )
+        .await
+        .expect("insert other");
+
+        let mut query = ids.clone();
+        query.insert(100, ChunkId([0xff; 32]));
+        let found = c.lookup_chunks(&query).await.expect("lookup");
+        assert_eq!(found.len(), 601);
+        assert!(found[100].is_none());
+        assert_eq!(
+            found[3],
+            Some(ChunkLocation {
+                pack_id: pack.id,
+                offset: 62,
+                len: 10,
+                raw_len: 20
+            })
+        );
+        assert_eq!(found.iter().filter(|f| f.is_some()).count(), 600);
+        assert_eq!(
+            c.chunk_location(&ids[599])
+                .await
+                .expect("loc")
+                .map(|l| l.offset),
+            Some(32 + 5990)
+        );
+        assert_eq!(
+            c.chunk_location(&ChunkId([0xff; 32])).await.expect("loc"),
+            None
+        );
+        assert_eq!(
+            c.get_pack(&pack.id).await.expect("pack"),
+            Some(PackRow {
+                id: pack.id,
+                size: 999,
+                created_at: 42,
+                state: "sealed".into()
+            })
+        );
+        assert_eq!(c.get_pack(&PackId([9; 16])).await.expect("pack"), None);
+    }
+
+    #[tokio::test]
+    async fn chunk_needs_its_pack() {
+        let (_d, c) = catalog().await;
+        // Foreign key: chunks cannot point at an unrecorded pack. The pack row
+        // is inserted first in the same transaction, so this only guards bugs.
+        let r = sqlx::query(
+            "INSERT INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES (?, ?, 0, 0, 0)",
+        )
+        .bind(&[1u8; 32][..])
+        .bind(&[2u8; 16][..])
+        .execute(&c.pool)
+        .await;
+        assert!(r.is_err());
+        c.insert_pack_with_chunks(
+            &NewPack {
+                id: PackId([3; 16]),
+                size: 1,
+                created_at: 1,
+            },
+            &[entry(1, 32)],
+        )
+        .await
+        .expect("insert");
+        assert!(c
+            .chunk_location(&ChunkId([1; 32]))
+            .await
+            .expect("loc")
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn points_commit_list_get() {
+        let (_d, c) = catalog().await;
+        c.commit_point(&point(1, "vm-a", "alpha", 100))
+            .await
+            .expect("commit 1");
+        c.commit_point(&point(2, "vm-b", "beta", 200))
+            .await
+            .expect("commit 2");
+        let mut p3 = point(3, "vm-a", "alpha", 300);
+        p3.kind = "incremental".into();
+        p3.job_id = None;
+        c.commit_point(&p3).await.expect("commit 3");
+
+        let all = c.list_points(None).await.expect("list");
+        assert_eq!(
+            all.iter().map(|p| p.created_at).collect::<Vec<_>>(),
+            vec![300, 200, 100]
+        );
+        let a = c.list_points(Some("vm-a")).await.expect("list by id");
+        assert_eq!(
+            a.iter().map(|p| p.created_at).collect::<Vec<_>>(),
+            vec![300, 100]
+        );
+        let b = c.list_points(Some("beta")).await.expect("list by name");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].id, PointId([2; 16]).to_string());
+        assert!(c
+            .list_points(Some("nobody"))
+            .await
+            .expect("list")
+            .is_empty());
+
+        let (row, streams) = c
+            .get_point(&PointId([3; 16]))
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(row.kind, "incremental");
+        assert_eq!(row.state, "committed");
+        assert_eq!(row.job_id, None);
+        assert_eq!(
+            (
+                row.logical_bytes,
+                row.stored_bytes,
+                row.bytes_read,
+                row.bytes_sent
+            ),
+            (10, 5, 11, 6)
+        );
+        assert_eq!(streams.len(), 2);
+        assert_eq!(streams[0].stream_no, 0);
+        assert_eq!(streams[0].kind, "disk");
+        assert_eq!(streams[0].controller.as_deref(), Some("scsi"));
+        assert_eq!(streams[0].size, 1 << 30);
+        assert_eq!(streams[0].chunk_count, 7);
+        assert_eq!(streams[1].location, None);
+        assert!(c.get_point(&PointId([9; 16])).await.expect("get").is_none());
+
+        assert_eq!(
+            c.all_point_ids().await.expect("ids"),
+            vec![PointId([1; 16]), PointId([2; 16]), PointId([3; 16])]
+        );
+        let streams = c.committed_streams().await.expect("streams");
+        assert_eq!(streams.len(), 6);
+        assert_eq!(streams[0], (PointId([1; 16]), 0));
+    }
+
+    #[tokio::test]
+    async fn commit_point_is_all_or_nothing() {
+        let (_d, c) = catalog().await;
+        let mut bad = point(1, "vm-a", "alpha", 100);
+        bad.streams[1].kind = "floppy".into(); // violates the CHECK constraint
+        assert!(c.commit_point(&bad).await.is_err());
+        assert!(c.get_point(&PointId([1; 16])).await.expect("get").is_none());
+        assert!(c.list_points(None).await.expect("list").is_empty());
+        let mut dup = point(2, "vm-a", "alpha", 100);
+        dup.streams[1].stream_no = 1; // same primary key twice
+        assert!(c.commit_point(&dup).await.is_err());
+        assert!(c.all_point_ids().await.expect("ids").is_empty());
+        let mut bad_kind = point(3, "vm-a", "alpha", 100);
+        bad_kind.kind = "weekly".into();
+        assert!(c.commit_point(&bad_kind).await.is_err());
+        c.commit_point(&point(4, "vm-a", "alpha", 100))
+            .await
+            .expect("commit");
+        assert!(
+            c.commit_point(&point(4, "vm-a", "alpha", 100))
+                .await
+                .is_err(),
+            "same id twice"
+        );
+    }
+}

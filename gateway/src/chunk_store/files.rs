@@ -1,0 +1,259 @@
+//! File-level mechanics of the local store: where packs and indexes live,
+//! durable writes (tmp, fsync, rename, fsync directory — DESIGN.md §6 rule 6),
+//! crash-garbage removal, positioned reads through a small cache of open pack
+//! handles, and ENOSPC classification. Blocking code: call it from
+//! `spawn_blocking`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tierback_format::ids::{PackId, PointId};
+
+/// Suffix of files being written; any found at open are crash garbage.
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+
+/// Directory layout under the data dir.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub packs: PathBuf,
+    pub indexes: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            packs: data_dir.join("packs"),
+            indexes: data_dir.join("indexes"),
+        }
+    }
+
+    /// `packs/<first 2 hex>/<pack id>.pack`
+    pub fn pack_path(&self, id: &PackId) -> PathBuf {
+        let hex = id.to_string();
+        self.packs.join(&hex[..2]).join(format!("{hex}.pack"))
+    }
+
+    /// `indexes/<point id>/<stream_no>.idx`
+    pub fn index_path(&self, point: &PointId, stream_no: u32) -> PathBuf {
+        self.indexes
+            .join(point.to_string())
+            .join(format!("{stream_no}.idx"))
+    }
+
+    /// Creates the top directories (durably) and removes every `*.tmp` file
+    /// below them. Returns how many were removed.
+    pub fn prepare(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for top in [&self.packs, &self.indexes] {
+            ensure_dir(top)?;
+            for sub in fs::read_dir(top)? {
+                let sub = sub?;
+                if sub.file_type()?.is_dir() {
+                    for f in fs::read_dir(sub.path())? {
+                        removed += remove_if_tmp(&f?.path())?;
+                    }
+                } else {
+                    removed += remove_if_tmp(&sub.path())?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn remove_if_tmp(path: &Path) -> io::Result<usize> {
+    if path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(TMP_SUFFIX))
+    {
+        fs::remove_file(path)?;
+        if let Some(dir) = path.parent() {
+            fsync_dir(dir)?;
+        }
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// True for "no space left" and "quota exceeded".
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` if missing and makes its directory entry durable.
+pub(crate) fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Test-only fault injection for durable writes; a no-op otherwise.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Number of upcoming durable writes that fail with ENOSPC halfway.
+    #[cfg(test)]
+    pub enospc_writes: std::sync::atomic::AtomicU32,
+}
+
+impl Faults {
+    fn mid_write(&self) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering;
+            if self
+                .enospc_writes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` durably: `<path>.<random>.tmp`, write, fsync,
+/// rename over `path`, fsync the directory. On error the tmp file is removed
+/// and `path` is untouched (or, if only the final directory fsync failed,
+/// holds the complete new content).
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], faults: &Faults) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path without a directory"))?;
+    ensure_dir(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("path without a name"))?;
+    let tmp = dir.join(format!("{name}.{:016x}{TMP_SUFFIX}", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let (first, second) = bytes.split_at(bytes.len() / 2);
+        f.write_all(first)?;
+        faults.mid_write()?;
+        f.write_all(second)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsync_dir(dir)
+}
+
+/// Reads exactly `len` bytes at `offset` of `file`.
+pub(crate) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// A small most-recently-used cache of open pack files (sealed packs are
+/// immutable, so a handle never goes stale until GC deletes the pack).
+#[derive(Debug, Default)]
+pub(crate) struct HandleCache {
+    entries: Mutex<Vec<(PackId, Arc<File>)>>,
+}
+
+impl HandleCache {
+    const CAPACITY: usize = 64;
+
+    pub fn get(&self, layout: &Layout, id: &PackId) -> io::Result<Arc<File>> {
+        {
+            let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = g.iter().position(|(p, _)| p == id) {
+                let e = g.remove(pos);
+                let f = e.1.clone();
+                g.push(e);
+                return Ok(f);
+            }
+        }
+        let f = Arc::new(File::open(layout.pack_path(id))?);
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= Self::CAPACITY {
+            g.remove(0);
+        }
+        g.push((*id, f.clone()));
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_write_and_tmp_cleanup() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(d.path());
+        assert_eq!(layout.prepare().expect("prepare"), 0);
+        let p = layout.pack_path(&PackId([0xab; 16]));
+        assert!(p.ends_with(format!("ab/{}.pack", "ab".repeat(16))));
+        write_durably(&p, b"hello", &Faults::default()).expect("write");
+        assert_eq!(fs::read(&p).expect("read"), b"hello");
+
+        let faults = Faults::default();
+        faults
+            .enospc_writes
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let e = write_durably(&p, b"other content", &faults).expect_err("enospc");
+        assert!(is_disk_full(&e));
+        assert_eq!(
+            fs::read(&p).expect("read"),
+            b"hello",
+            "old content untouched"
+        );
+        assert_eq!(
+            fs::read_dir(p.parent().expect("dir")).expect("ls").count(),
+            1,
+            "tmp removed"
+        );
+
+        fs::write(p.with_extension("pack.1234.tmp"), b"garbage").expect("garbage");
+        let idx = layout.index_path(&PointId([1; 16]), 3);
+        write_durably(&idx, b"i", &Faults::default()).expect("write idx");
+        fs::write(idx.with_extension("idx.tmp"), b"garbage").expect("garbage");
+        fs::write(layout.indexes.join("stray.tmp"), b"garbage").expect("garbage");
+        assert_eq!(layout.prepare().expect("prepare"), 3);
+        assert!(p.exists() && idx.exists());
+        assert!(!is_disk_full(&io::Error::from(io::ErrorKind::NotFound)));
+    }
+
+    #[test]
+    fn handle_cache_reads() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(d.path());
+        let cache = HandleCache::default();
+        let id = PackId([1; 16]);
+        assert!(cache.get(&layout, &id).is_err());
+        write_durably(&layout.pack_path(&id), b"0123456789", &Faults::default()).expect("write");
+        let f = cache.get(&layout, &id).expect("open");
+        assert_eq!(read_exact_at(&f, 2, 3).expect("read"), b"234");
+        assert!(read_exact_at(&f, 8, 3).is_err(), "short read is an error");
+        for i in 0..HandleCache::CAPACITY + 2 {
+            let id = PackId([i as u8 + 10; 16]);
+            write_durably(&layout.pack_path(&id), b"x", &Faults::default()).expect("write");
+            cache.get(&layout, &id).expect("open");
+        }
+        assert_eq!(
+            cache.entries.lock().expect("lock").len(),
+            HandleCache::CAPACITY
+        );
+    }
+}

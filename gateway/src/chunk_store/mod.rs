@@ -1,0 +1,720 @@
+//! The local chunk store: the gateway's encrypted, deduplicated disk tier.
+//!
+//! It owns the files under the data dir (`packs/<2 hex>/<pack id>.pack`,
+//! `indexes/<point id>/<stream_no>.idx`) and the `packs`/`chunks` rows of the
+//! catalog. It receives verified plaintext chunks, seals them (zstd, then
+//! AES-256-GCM under a per-pack key) into ONE open pack at a time, seals full
+//! packs durably, and serves chunks and indexes back. It never commits
+//! recovery points (the API does, after `flush` and `write_index`) and never
+//! deletes packs (GC will).
+//!
+//! # Write ordering (DESIGN.md §6)
+//!
+//! * A pack file is written as `<id>.pack.<rand>.tmp`, fsynced, renamed, and
+//!   its directory fsynced; only THEN are the pack and its chunks recorded in
+//!   the catalog, in one transaction. A chunk is "durable" exactly when it has
+//!   a catalog row ([`ChunkStore::missing`] answers from the catalog only).
+//! * [`ChunkStore::flush`] returns only when every chunk put before it is
+//!   durable and catalogued (rule 1); indexes are written the same way by
+//!   [`ChunkStore::write_index`] before the point is committed (rule 2).
+//! * A crash leaves at most `*.tmp` files (removed by [`ChunkStore::open`]) or
+//!   a renamed but uncatalogued pack (invisible; garbage for GC). Its chunks
+//!   are reported lacking again, so agents resend them.
+//!
+//! # Concurrency
+//!
+//! | operation | runs concurrently with | protected by |
+//! |---|---|---|
+//! | `put` hashing, zstd, AES-GCM | everything | nothing: blocking threads, outside locks |
+//! | `put` dedup decision | other puts | `state` (claims: one put per chunk id at a time) |
+//! | `put` append to the open pack | other puts | `state` (a short, non-async critical section) |
+//! | sealing a pack (rotation or `flush`) | puts (into the next open pack), reads | `seal_lock` (one seal at a time, FIFO) |
+//! | `get`, `read_index`, `verify` | everything | nothing: sealed packs and indexes are immutable |
+//!
+//! A chunk is "pending" from its claim until its pack is catalogued: it sits
+//! in `claims`, then in the open pack, then in the sealing pack. Pending
+//! chunks count as present for `lacking` and `put` dedup, so a chunk lives in
+//! exactly one local pack. A pack that fails to seal (e.g. disk full) stays in
+//! the sealing slot in memory and is retried by the next seal; until it
+//! succeeds, puts that would need a new seal fail with
+//! [`StoreError::DiskFull`] and nothing already accepted is dropped.
+
+mod files;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tierback_format::crypto::{self, MasterKey};
+use tierback_format::ids::{ChunkHash, ChunkId, PackId, PointId};
+use tierback_format::index::{self as fmt_index, DiskIndex};
+use tierback_format::magic::MAX_CHUNK_SIZE;
+use tierback_format::pack::{PackBuilder, TocEntry};
+
+use crate::catalog::{now_secs, Catalog, CatalogError, ChunkLocation, NewPack};
+use files::{Faults, HandleCache, Layout};
+
+pub use verify::{DamagedChunk, VerifyReport};
+
+/// Tunables of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// A pack is sealed once it reaches this many bytes (default 64 MiB).
+    pub pack_target_size: u64,
+    /// zstd level for chunk payloads (default 3).
+    pub zstd_level: i32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            pack_target_size: 64 << 20,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// The keys the store needs, derived once from the master key.
+#[derive(Clone)]
+pub struct Keys {
+    /// The master key (pack keys are derived per pack).
+    pub master: MasterKey,
+    /// Key of the keyed chunk-id hash.
+    pub id_key: [u8; 32],
+    /// Key sealing disk indexes.
+    pub index_key: [u8; 32],
+}
+
+impl Keys {
+    /// Derives the id and index keys from `master`.
+    pub fn derive(master: &MasterKey) -> Keys {
+        Keys {
+            master: master.clone(),
+            id_key: master.id_key(),
+            index_key: master.index_key(),
+        }
+    }
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keys(fingerprint {})", self.master.fingerprint())
+    }
+}
+
+/// What `put` did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Appended to the open pack; `stored_bytes` is its sealed size on disk.
+    Stored {
+        /// Bytes of the sealed record.
+        stored_bytes: u64,
+    },
+    /// Already stored or pending; nothing appended.
+    Duplicate,
+}
+
+/// Errors of the chunk store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data does not hash to the hash it was sent with; nothing stored.
+    #[error(
+        "chunk data does not match its hash {expected} (it hashes to {actual}); nothing was stored"
+    )]
+    HashMismatch {
+        /// Hash the sender claimed.
+        expected: ChunkHash,
+        /// Hash of the data received.
+        actual: ChunkHash,
+    },
+    /// Larger than any chunk may be.
+    #[error("chunk of {len} bytes exceeds the {max}-byte maximum")]
+    TooLarge {
+        /// Bytes received.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// No durable chunk with this id.
+    #[error("chunk {0} is not in the local store")]
+    NotFound(ChunkId),
+    /// A pack on disk does not hold what the catalog says (damage, tampering,
+    /// truncation, missing file).
+    #[error("pack {pack} is damaged at offset {offset}: {reason}")]
+    Corrupt {
+        /// The pack.
+        pack: PackId,
+        /// Offset of the damaged record.
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// No index file for this stream of this point.
+    #[error("recovery point {point} has no index for stream {stream_no}")]
+    IndexNotFound {
+        /// The point.
+        point: PointId,
+        /// The stream.
+        stream_no: u32,
+    },
+    /// An index exists but does not open or decode.
+    #[error("index of stream {stream_no} of recovery point {point} is damaged: {reason}")]
+    BadIndex {
+        /// The point.
+        point: PointId,
+        /// The stream.
+        stream_no: u32,
+        /// What failed.
+        reason: String,
+    },
+    /// An index to write violates the index invariants (order, bounds).
+    #[error("refusing to write an invalid index: {0}")]
+    InvalidIndex(#[source] fmt_index::IndexError),
+    /// `verify` was asked about a point that is not committed.
+    #[error("no recovery point {0}")]
+    PointNotFound(PointId),
+    /// The local store's disk (or quota) is full. The write was undone; data
+    /// accepted earlier stays pending in memory and is retried by the next
+    /// seal or flush.
+    #[error("local store disk is full while writing {what}: free space or add capacity; nothing was lost")]
+    DiskFull {
+        /// What was being written, e.g. `pack 0a1b…`.
+        what: String,
+    },
+    /// Any other I/O error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, as a verb phrase.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A blocking task panicked or was cancelled.
+    #[error("internal error in the chunk store: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// True for errors that mean "this thing does not exist".
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound(_) | Self::IndexNotFound { .. } | Self::PointNotFound(_)
+        )
+    }
+
+    /// True when the local disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::DiskFull { .. })
+    }
+
+    fn write(what: String, e: io::Error) -> Self {
+        if files::is_disk_full(&e) {
+            Self::DiskFull { what }
+        } else {
+            Self::Io {
+                context: format!("writing {what}"),
+                source: e,
+            }
+        }
+    }
+}
+
+/// The pack currently accepting appends.
+struct OpenPack {
+    builder: PackBuilder,
+    key: [u8; 32],
+    ids: HashSet<ChunkId>,
+}
+
+/// A pack taken out of `open` to be sealed: finished bytes, kept until the
+/// file is durable and catalogued (and across failed attempts).
+struct SealingPack {
+    id: PackId,
+    bytes: Arc<Vec<u8>>,
+    entries: Arc<Vec<TocEntry>>,
+    ids: HashSet<ChunkId>,
+}
+
+#[derive(Default)]
+struct State {
+    open: Option<OpenPack>,
+    sealing: Option<SealingPack>,
+    claims: HashSet<ChunkId>,
+}
+
+impl State {
+    fn is_pending(&self, id: &ChunkId) -> bool {
+        self.claims.contains(id)
+            || self.open.as_ref().is_some_and(|o| o.ids.contains(id))
+            || self.sealing.as_ref().is_some_and(|s| s.ids.contains(id))
+    }
+}
+
+/// Everything blocking tasks need, shared by `Arc`.
+struct Shared {
+    layout: Layout,
+    keys: Keys,
+    handles: HandleCache,
+    faults: Faults,
+}
+
+/// The local chunk store. `Send + Sync`: share it by `Arc` between sessions.
+pub struct ChunkStore {
+    shared: Arc<Shared>,
+    catalog: Catalog,
+    cfg: StoreConfig,
+    state: Mutex<State>,
+    seal_lock: tokio::sync::Mutex<()>,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ChunkStore>();
+};
+
+/// Removes a put's claim on a chunk id when the put ends, however it ends
+/// (error, duplicate, or its future being dropped).
+struct Claim<'a> {
+    store: &'a ChunkStore,
+    id: ChunkId,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.store.state().claims.remove(&self.id);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+impl ChunkStore {
+    /// Opens the store under `data_dir`, creating `packs/` and `indexes/` if
+    /// needed and removing crash garbage (`*.tmp`).
+    pub async fn open(
+        data_dir: &Path,
+        keys: Keys,
+        catalog: Catalog,
+        cfg: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let layout = Layout::new(data_dir);
+        let prep = layout.clone();
+        let removed = blocking(move || prep.prepare())
+            .await?
+            .map_err(|e| StoreError::Io {
+                context: format!("preparing the store in {}", data_dir.display()),
+                source: e,
+            })?;
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed unfinished files of an interrupted run"
+            );
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                layout,
+                keys,
+                handles: HandleCache::default(),
+                faults: Faults::default(),
+            }),
+            catalog,
+            cfg,
+            state: Mutex::new(State::default()),
+            seal_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is consistent at every unlock (no panics inside), so a
+        // poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Path of a pack file (for tiering and tests).
+    pub fn pack_path(&self, id: &PackId) -> PathBuf {
+        self.shared.layout.pack_path(id)
+    }
+
+    /// Path of an index file.
+    pub fn index_path(&self, point: &PointId, stream_no: u32) -> PathBuf {
+        self.shared.layout.index_path(point, stream_no)
+    }
+
+    /// The stored id of a chunk with plaintext hash `hash`.
+    pub fn chunk_id(&self, hash: &ChunkHash) -> ChunkId {
+        ChunkId::derive(&self.shared.keys.id_key, hash)
+    }
+
+    /// For each hash: true if the store lacks it (neither catalogued nor
+    /// pending). Pending sets are consulted before the catalog, and a sealed
+    /// pack leaves the pending sets only after its catalog commit, so a chunk
+    /// is never reported lacking while it is on its way to durability.
+    pub async fn lacking(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<ChunkId> = hashes.iter().map(|h| self.chunk_id(h)).collect();
+        let mut lacking: Vec<bool> = {
+            let st = self.state();
+            ids.iter().map(|id| !st.is_pending(id)).collect()
+        };
+        let (pos, ask): (Vec<usize>, Vec<ChunkId>) = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| lacking[*i])
+            .map(|(i, id)| (i, *id))
+            .unzip();
+        let found = self.catalog.lookup_chunks(&ask).await?;
+        for (i, loc) in pos.into_iter().zip(found) {
+            lacking[i] = loc.is_none();
+        }
+        Ok(lacking)
+    }
+
+    /// Verifies `blake3(data) == hash` (else `HashMismatch`, nothing stored),
+    /// compresses and seals on blocking threads, and appends to the open pack,
+    /// sealing the previous one first if it reached the target size. A chunk
+    /// already stored or pending is dropped (`Duplicate`).
+    pub async fn put(&self, hash: ChunkHash, data: Bytes) -> Result<PutOutcome, StoreError> {
+        if data.len() > MAX_CHUNK_SIZE {
+            return Err(StoreError::TooLarge {
+                len: data.len(),
+                max: MAX_CHUNK_SIZE,
+            });
+        }
+        let (actual, data) = blocking(move || (ChunkHash::of(&data), data)).await?;
+        if actual != hash {
+            return Err(StoreError::HashMismatch {
+                expected: hash,
+                actual,
+            });
+        }
+        let id = self.chunk_id(&hash);
+        let Some(_claim) = self.claim(id) else {
+            return Ok(PutOutcome::Duplicate);
+        };
+        if self.catalog.chunk_location(&id).await?.is_some() {
+            return Ok(PutOutcome::Duplicate);
+        }
+        let level = self.cfg.zstd_level;
+        let raw_len = data.len() as u32;
+        let payload = Arc::new(blocking(move || crypto::encode_chunk_payload(&data, level)).await?);
+        loop {
+            if self.open_is_full() {
+                self.seal_pending(SealMode::IfFull).await?;
+            }
+            let (pack_id, key) = self.open_pack_id();
+            let p = payload.clone();
+            let sealed =
+                blocking(move || crypto::seal_chunk_payload(&key, &pack_id, &id, &p)).await?;
+            let mut st = self.state();
+            match st.open.as_mut() {
+                Some(open) if *open.builder.id() == pack_id => {
+                    open.builder.append(id, &sealed, raw_len).map_err(|e| {
+                        StoreError::Internal(format!("appending to the open pack: {e}"))
+                    })?;
+                    open.ids.insert(id);
+                    // The chunk is pending through the open pack now; the
+                    // claim guard's removal is harmless.
+                    return Ok(PutOutcome::Stored {
+                        stored_bytes: sealed.len() as u64,
+                    });
+                }
+                // The pack was sealed while we encrypted for it: seal again
+                // for the new one (zstd is not redone).
+                _ => {}
+            }
+        }
+    }
+
+    fn claim(&self, id: ChunkId) -> Option<Claim<'_>> {
+        let mut st = self.state();
+        if st.is_pending(&id) {
+            return None;
+        }
+        st.claims.insert(id);
+        Some(Claim { store: self, id })
+    }
+
+    fn open_is_full(&self) -> bool {
+        self.state()
+            .open
+            .as_ref()
+            .is_some_and(|o| o.builder.len() >= self.cfg.pack_target_size)
+    }
+
+    fn open_pack_id(&self) -> (PackId, [u8; 32]) {
+        let mut st = self.state();
+        let open = st.open.get_or_insert_with(|| {
+            let id = PackId::random();
+            OpenPack {
+                builder: PackBuilder::in_memory(id),
+                key: self.shared.keys.master.pack_key(&id),
+                ids: HashSet::new(),
+            }
+        });
+        (*open.builder.id(), open.key)
+    }
+
+    /// Seals the open pack if it holds anything (and first any pack whose
+    /// sealing failed earlier): write, fsync, rename, fsync the directory,
+    /// then record pack and chunks in one catalog transaction. When it
+    /// returns `Ok`, every chunk put before is durable and catalogued.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.seal_pending(SealMode::Always).await
+    }
+
+    async fn seal_pending(&self, mode: SealMode) -> Result<(), StoreError> {
+        let _seal = self.seal_lock.lock().await;
+        // A pack whose sealing failed (or whose sealer was cancelled) first.
+        let retry = self
+            .state()
+            .sealing
+            .as_ref()
+            .map(|s| (s.id, s.bytes.clone(), s.entries.clone()));
+        if let Some((id, bytes, entries)) = retry {
+            self.write_pack(id, bytes, entries).await?;
+            self.state().sealing = None;
+        }
+        let taken = {
+            let mut st = self.state();
+            let ready = st.open.as_ref().is_some_and(|o| {
+                !o.builder.is_empty()
+                    && (mode == SealMode::Always || o.builder.len() >= self.cfg.pack_target_size)
+            });
+            match st.open.take() {
+                Some(open) if ready => {
+                    let id = *open.builder.id();
+                    let (bytes, _, entries) = open
+                        .builder
+                        .finish(&open.key)
+                        .map_err(|e| StoreError::Internal(format!("finishing pack {id}: {e}")))?;
+                    let (bytes, entries) = (Arc::new(bytes), Arc::new(entries));
+                    st.sealing = Some(SealingPack {
+                        id,
+                        bytes: bytes.clone(),
+                        entries: entries.clone(),
+                        ids: open.ids,
+                    });
+                    Some((id, bytes, entries))
+                }
+                other => {
+                    st.open = other;
+                    None
+                }
+            }
+        };
+        if let Some((id, bytes, entries)) = taken {
+            self.write_pack(id, bytes, entries).await?;
+            self.state().sealing = None;
+        }
+        Ok(())
+    }
+
+    async fn write_pack(
+        &self,
+        id: PackId,
+        bytes: Arc<Vec<u8>>,
+        entries: Arc<Vec<TocEntry>>,
+    ) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let size = bytes.len() as u64;
+        blocking(move || {
+            files::write_durably(&shared.layout.pack_path(&id), &bytes, &shared.faults)
+        })
+        .await?
+        .map_err(|e| StoreError::write(format!("pack {id}"), e))?;
+        self.catalog
+            .insert_pack_with_chunks(
+                &NewPack {
+                    id,
+                    size,
+                    created_at: now_secs(),
+                },
+                &entries,
+            )
+            .await?;
+        tracing::debug!(pack = %id, bytes = size, chunks = entries.len(), "pack sealed");
+        Ok(())
+    }
+
+    /// Which of `ids` are NOT durably catalogued (pending chunks count as
+    /// missing). Used at commit to refuse an index naming absent chunks.
+    pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        let found = self.catalog.lookup_chunks(ids).await?;
+        Ok(ids
+            .iter()
+            .zip(found)
+            .filter(|(_, l)| l.is_none())
+            .map(|(id, _)| *id)
+            .collect())
+    }
+
+    /// Plaintext of one durable chunk: read from its pack, tag checked,
+    /// decompressed and verified against its id.
+    pub async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
+        let loc = self
+            .catalog
+            .chunk_location(id)
+            .await?
+            .ok_or(StoreError::NotFound(*id))?;
+        let shared = self.shared.clone();
+        let id = *id;
+        let plain = blocking(move || shared.read_chunk(&id, &loc)).await??;
+        Ok(Bytes::from(plain))
+    }
+
+    /// Seals and writes a stream index durably (tmp, fsync, rename, fsync
+    /// dir). Call before committing the point that names it (rule 2).
+    pub async fn write_index(
+        &self,
+        point: &PointId,
+        stream_no: u32,
+        index: &DiskIndex,
+    ) -> Result<(), StoreError> {
+        let sealed = {
+            let key = self.shared.keys.index_key;
+            let (point, index) = (*point, index.clone());
+            blocking(move || fmt_index::seal_index(&key, &point, stream_no, &index)).await?
+        }
+        .map_err(StoreError::InvalidIndex)?;
+        let shared = self.shared.clone();
+        let path = self.index_path(point, stream_no);
+        blocking(move || files::write_durably(&path, &sealed, &shared.faults))
+            .await?
+            .map_err(|e| StoreError::write(format!("index {stream_no} of point {point}"), e))
+    }
+
+    /// Reads, opens and decodes a stream index.
+    pub async fn read_index(
+        &self,
+        point: &PointId,
+        stream_no: u32,
+    ) -> Result<DiskIndex, StoreError> {
+        let shared = self.shared.clone();
+        let point = *point;
+        blocking(move || shared.read_index(&point, stream_no)).await?
+    }
+
+    /// Re-reads and checks every chunk referenced by `points` (all committed
+    /// points if `None`) and every index of them. See [`VerifyReport`].
+    pub async fn verify(&self, points: Option<&[PointId]>) -> Result<VerifyReport, StoreError> {
+        verify::run(self, points).await
+    }
+}
+
+/// A pack that cannot be opened: missing is damage, anything else is I/O.
+fn pack_open_error(loc: &ChunkLocation, e: io::Error) -> StoreError {
+    if e.kind() == io::ErrorKind::NotFound {
+        StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason: "pack file is missing".into(),
+        }
+    } else {
+        StoreError::Io {
+            context: format!("opening pack {}", loc.pack_id),
+            source: e,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SealMode {
+    /// Seal the open pack if it holds anything.
+    Always,
+    /// Seal it only if it reached the target size (another put may have
+    /// rotated it already).
+    IfFull,
+}
+
+impl Shared {
+    /// Blocking: reads and opens one chunk at `loc`, through the handle cache.
+    fn read_chunk(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
+        let file = match self.handles.get(&self.layout, &loc.pack_id) {
+            Ok(f) => f,
+            Err(e) => return Err(pack_open_error(loc, e)),
+        };
+        self.read_record(&file, id, loc)
+    }
+
+    /// Blocking: reads the record of `id` at `loc` from the open pack `file`,
+    /// checks its tag, decompresses and checks it against its id and length.
+    fn read_record(
+        &self,
+        file: &std::fs::File,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+    ) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason,
+        };
+        let sealed = match files::read_exact_at(file, loc.offset, loc.len as usize) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(corrupt("pack file is truncated".into()));
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    context: format!("reading pack {}", loc.pack_id),
+                    source: e,
+                })
+            }
+        };
+        let key = self.keys.master.pack_key(&loc.pack_id);
+        let plain = crypto::open_chunk_verified(&key, &loc.pack_id, id, &sealed, &self.keys.id_key)
+            .map_err(|e| corrupt(format!("chunk {id}: {e}")))?;
+        if plain.len() != loc.raw_len as usize {
+            return Err(corrupt(format!(
+                "chunk {id} holds {} bytes, the catalog says {}",
+                plain.len(),
+                loc.raw_len
+            )));
+        }
+        Ok(plain)
+    }
+
+    /// Blocking: reads and opens one index.
+    fn read_index(&self, point: &PointId, stream_no: u32) -> Result<DiskIndex, StoreError> {
+        let path = self.layout.index_path(point, stream_no);
+        let sealed = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::IndexNotFound {
+                    point: *point,
+                    stream_no,
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    context: format!("reading {}", path.display()),
+                    source: e,
+                })
+            }
+        };
+        fmt_index::open_index(&self.keys.index_key, point, stream_no, &sealed).map_err(|e| {
+            StoreError::BadIndex {
+                point: *point,
+                stream_no,
+                reason: e.to_string(),
+            }
+        })
+    }
+}

@@ -1,0 +1,731 @@
+//! Tests of the chunk store against a real catalog in a temp dir.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tierback_format::crypto::MasterKey;
+use tierback_format::ids::{ChunkHash, ChunkId, PointId};
+use tierback_format::index::DiskIndex;
+use tierback_format::pack::parse_pack;
+
+use super::*;
+use crate::catalog::{Catalog, NewPoint, NewStream};
+
+const MASTER: [u8; 32] = [0x11; 32];
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    catalog: Catalog,
+    store: ChunkStore,
+}
+
+async fn fixture(cfg: StoreConfig) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let catalog = Catalog::open(&dir.path().join("catalog.db"))
+        .await
+        .expect("catalog");
+    let store = open_store(dir.path(), &catalog, cfg).await;
+    Fixture {
+        dir,
+        catalog,
+        store,
+    }
+}
+
+async fn open_store(dir: &Path, catalog: &Catalog, cfg: StoreConfig) -> ChunkStore {
+    let keys = Keys::derive(&MasterKey::from_bytes(MASTER));
+    ChunkStore::open(dir, keys, catalog.clone(), cfg)
+        .await
+        .expect("open store")
+}
+
+/// Incompressible bytes, distinct per seed.
+fn noise(seed: u64, len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut v);
+    Bytes::from(v)
+}
+
+/// Compressible bytes, distinct per seed.
+fn text(seed: u64, len: usize) -> Bytes {
+    let line = format!("chunk {seed} of a virtual disk\n");
+    Bytes::from(
+        line.as_bytes()
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn put_ok(store: &ChunkStore, data: &Bytes) -> PutOutcome {
+    store
+        .put(ChunkHash::of(data), data.clone())
+        .await
+        .expect("put")
+}
+
+fn pack_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(root.join("packs")).expect("ls packs") {
+        for f in std::fs::read_dir(sub.expect("entry").path()).expect("ls sub") {
+            out.push(f.expect("entry").path());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn all_files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("ls") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn small_packs() -> StoreConfig {
+    StoreConfig {
+        pack_target_size: 200 << 10,
+        zstd_level: 1,
+    }
+}
+
+async fn commit(f: &Fixture, point: PointId, vm: &str, streams: &[Vec<ChunkId>]) {
+    let mut rows = Vec::new();
+    for (n, ids) in streams.iter().enumerate() {
+        let index = DiskIndex {
+            size: 1 << 30,
+            chunk_size: 1 << 20,
+            entries: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (i as u64 * 2, *id))
+                .collect(),
+        };
+        f.store
+            .write_index(&point, n as u32, &index)
+            .await
+            .expect("write index");
+        rows.push(NewStream {
+            stream_no: n as u32,
+            kind: "disk".into(),
+            path: format!("disk{n}.vhdx"),
+            controller: None,
+            location: None,
+            size: index.size,
+            chunk_size: index.chunk_size,
+            logical_sector: 512,
+            physical_sector: 4096,
+            chunk_count: ids.len() as u64,
+        });
+    }
+    f.catalog
+        .commit_point(&NewPoint {
+            id: point,
+            vm_id: vm.into(),
+            vm_name: vm.into(),
+            created_at: 1,
+            kind: "full".into(),
+            agent_id: "a".into(),
+            job_id: None,
+            logical_bytes: 0,
+            stored_bytes: 0,
+            bytes_read: 0,
+            bytes_sent: 0,
+            streams: rows,
+        })
+        .await
+        .expect("commit point");
+}
+
+#[tokio::test]
+async fn put_flush_get_round_trip() {
+    let f = fixture(StoreConfig::default()).await;
+    let chunks = vec![
+        text(1, 1 << 20),
+        noise(2, 300_000),
+        Bytes::from_static(b"tiny"),
+        text(3, 65_536),
+    ];
+    let ids: Vec<ChunkId> = chunks
+        .iter()
+        .map(|c| f.store.chunk_id(&ChunkHash::of(c)))
+        .collect();
+    for c in &chunks {
+        match put_ok(&f.store, c).await {
+            PutOutcome::Stored { stored_bytes } => assert!(stored_bytes > 0),
+            PutOutcome::Duplicate => panic!("first put is not a duplicate"),
+        }
+    }
+    // Pending is not durable: not readable, and missing at commit.
+    assert!(matches!(
+        f.store.get(&ids[0]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(f.store.missing(&ids).await.expect("missing"), ids);
+    f.store.flush().await.expect("flush");
+    assert!(f.store.missing(&ids).await.expect("missing").is_empty());
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(&f.store.get(id).await.expect("get"), c);
+    }
+    // One pack, readable on its own with the master key.
+    let packs = pack_files(f.dir.path());
+    assert_eq!(packs.len(), 1);
+    let bytes = std::fs::read(&packs[0]).expect("read pack");
+    let master = MasterKey::from_bytes(MASTER);
+    let (_, toc) = parse_pack(|p| master.pack_key(p), &bytes).expect("parse pack");
+    assert_eq!(toc.iter().map(|e| e.chunk_id).collect::<Vec<_>>(), ids);
+    assert!(bytes.len() < (1 << 20), "text compresses: {}", bytes.len());
+    // Flushing with nothing open writes nothing.
+    f.store.flush().await.expect("flush");
+    assert_eq!(pack_files(f.dir.path()).len(), 1);
+    // Survives a reopen.
+    let again = open_store(f.dir.path(), &f.catalog, StoreConfig::default()).await;
+    assert_eq!(&again.get(&ids[1]).await.expect("get"), &chunks[1]);
+}
+
+#[tokio::test]
+async fn duplicates_are_stored_once() {
+    let f = fixture(StoreConfig::default()).await;
+    let c = noise(7, 100_000);
+    assert!(matches!(
+        put_ok(&f.store, &c).await,
+        PutOutcome::Stored { .. }
+    ));
+    assert_eq!(put_ok(&f.store, &c).await, PutOutcome::Duplicate, "pending");
+    f.store.flush().await.expect("flush");
+    assert_eq!(
+        put_ok(&f.store, &c).await,
+        PutOutcome::Duplicate,
+        "catalogued"
+    );
+    // Concurrent puts of one new chunk: exactly one stores it.
+    let store = Arc::new(f.store);
+    let d = noise(8, 100_000);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (s, d) = (store.clone(), d.clone());
+        set.spawn(async move { s.put(ChunkHash::of(&d), d).await });
+    }
+    let mut stored = 0;
+    while let Some(r) = set.join_next().await {
+        if let PutOutcome::Stored { .. } = r.expect("join").expect("put") {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1);
+    store.flush().await.expect("flush");
+    let master = MasterKey::from_bytes(MASTER);
+    let records: usize = pack_files(f.dir.path())
+        .iter()
+        .map(|p| {
+            parse_pack(|id| master.pack_key(id), &std::fs::read(p).expect("read"))
+                .expect("parse")
+                .1
+                .len()
+        })
+        .sum();
+    assert_eq!(records, 2);
+}
+
+#[tokio::test]
+async fn lacking_before_and_after_put_and_flush() {
+    let f = fixture(StoreConfig::default()).await;
+    let (a, b) = (text(1, 70_000), text(2, 70_000));
+    let hashes = [ChunkHash::of(&a), ChunkHash::of(&b), ChunkHash::of(&a)];
+    assert_eq!(
+        f.store.lacking(&hashes).await.expect("lacking"),
+        vec![true, true, true]
+    );
+    put_ok(&f.store, &a).await;
+    assert_eq!(
+        f.store.lacking(&hashes).await.expect("lacking"),
+        vec![false, true, false],
+        "pending counts"
+    );
+    f.store.flush().await.expect("flush");
+    assert_eq!(
+        f.store.lacking(&hashes).await.expect("lacking"),
+        vec![false, true, false],
+        "catalogued"
+    );
+    // More than one SQL batch, mixed.
+    let many: Vec<ChunkHash> = (0..700u64)
+        .map(|i| ChunkHash::of(&i.to_le_bytes()))
+        .chain([hashes[0]])
+        .collect();
+    let l = f.store.lacking(&many).await.expect("lacking");
+    assert_eq!(l.iter().filter(|x| **x).count(), 700);
+    assert!(!l[700]);
+    let reopened = open_store(f.dir.path(), &f.catalog, StoreConfig::default()).await;
+    assert_eq!(
+        reopened.lacking(&hashes).await.expect("lacking"),
+        vec![false, true, false]
+    );
+}
+
+#[tokio::test]
+async fn hash_mismatch_stores_nothing() {
+    let f = fixture(StoreConfig::default()).await;
+    let data = text(1, 1000);
+    let wrong = ChunkHash::of(b"something else");
+    let e = f
+        .store
+        .put(wrong, data.clone())
+        .await
+        .expect_err("mismatch");
+    assert!(
+        matches!(e, StoreError::HashMismatch { expected, .. } if expected == wrong),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nothing was stored"));
+    assert_eq!(
+        f.store
+            .lacking(&[wrong, ChunkHash::of(&data)])
+            .await
+            .expect("lacking"),
+        vec![true, true]
+    );
+    f.store.flush().await.expect("flush");
+    assert!(pack_files(f.dir.path()).is_empty());
+    let big = Bytes::from(vec![0u8; MAX_CHUNK_SIZE + 1]);
+    assert!(matches!(
+        f.store.put(ChunkHash::of(&big), big).await,
+        Err(StoreError::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn flipped_byte_is_found_by_get_and_verify() {
+    let f = fixture(StoreConfig::default()).await;
+    let (a, b, c) = (noise(1, 50_000), noise(2, 50_000), text(3, 50_000));
+    for x in [&a, &b, &c] {
+        put_ok(&f.store, x).await;
+    }
+    f.store.flush().await.expect("flush");
+    let id = |d: &Bytes| f.store.chunk_id(&ChunkHash::of(d));
+    let (p1, p2, p3) = (PointId([1; 16]), PointId([2; 16]), PointId([3; 16]));
+    commit(&f, p1, "vm1", &[vec![id(&a), id(&b)], vec![id(&c)]]).await;
+    commit(&f, p2, "vm2", &[vec![id(&a)]]).await;
+    commit(&f, p3, "vm3", &[vec![id(&c)]]).await;
+
+    let clean = f.store.verify(None).await.expect("verify");
+    assert_eq!((clean.points_checked, clean.chunks_checked), (3, 3));
+    assert!(clean.bytes_checked > 100_000);
+    assert!(clean.damaged.is_empty() && clean.damaged_indexes.is_empty());
+
+    let loc = f
+        .catalog
+        .chunk_location(&id(&a))
+        .await
+        .expect("loc")
+        .expect("present");
+    let path = f.store.pack_path(&loc.pack_id);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[(loc.offset + 1000) as usize] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let e = f.store.get(&id(&a)).await.expect_err("damaged");
+    assert!(
+        matches!(e, StoreError::Corrupt { pack, offset, .. } if pack == loc.pack_id && offset == loc.offset),
+        "{e}"
+    );
+    assert_eq!(f.store.get(&id(&b)).await.expect("undamaged"), b);
+
+    // Verifying only p1 names every point that lost data: p1 and p2.
+    let r = f.store.verify(Some(&[p1])).await.expect("verify");
+    assert_eq!(r.points_checked, 1);
+    assert_eq!(r.chunks_checked, 3);
+    assert_eq!(r.damaged.len(), 1);
+    let d = &r.damaged[0];
+    assert_eq!(
+        (d.chunk_id, d.pack_id, d.offset),
+        (id(&a), loc.pack_id, loc.offset)
+    );
+    assert_eq!(d.points, vec![p1, p2]);
+    assert!(d.reason.contains("authentication failed"), "{}", d.reason);
+    let r = f.store.verify(Some(&[p3])).await.expect("verify");
+    assert!(r.damaged.is_empty());
+    assert_eq!(f.store.verify(None).await.expect("verify").damaged.len(), 1);
+    assert!(matches!(
+        f.store.verify(Some(&[PointId([9; 16])])).await,
+        Err(StoreError::PointNotFound(_))
+    ));
+
+    // A damaged index is reported too.
+    let idx = f.store.index_path(&p3, 0);
+    let mut ib = std::fs::read(&idx).expect("read idx");
+    ib[20] ^= 0x80;
+    std::fs::write(&idx, &ib).expect("write idx");
+    let r = f.store.verify(Some(&[p3])).await.expect("verify");
+    assert_eq!(r.damaged_indexes.len(), 1);
+    assert_eq!((r.damaged_indexes[0].0, r.damaged_indexes[0].1), (p3, 0));
+
+    // A missing pack file is damage, not an I/O failure of verify.
+    std::fs::remove_file(&path).expect("rm pack");
+    let r = f.store.verify(Some(&[p2])).await.expect("verify");
+    assert_eq!(r.damaged.len(), 1);
+    assert!(r.damaged[0].reason.contains("missing"));
+}
+
+#[tokio::test]
+async fn swapped_records_fail_to_open() {
+    let f = fixture(StoreConfig::default()).await;
+    let (a, b) = (noise(1, 40_000), noise(2, 40_000));
+    put_ok(&f.store, &a).await;
+    put_ok(&f.store, &b).await;
+    f.store.flush().await.expect("flush");
+    let la = f
+        .catalog
+        .chunk_location(&f.store.chunk_id(&ChunkHash::of(&a)))
+        .await
+        .expect("a")
+        .expect("a");
+    let lb = f
+        .catalog
+        .chunk_location(&f.store.chunk_id(&ChunkHash::of(&b)))
+        .await
+        .expect("b")
+        .expect("b");
+    assert_eq!(
+        (la.pack_id, la.len),
+        (lb.pack_id, lb.len),
+        "same pack, same sealed size"
+    );
+    let path = f.store.pack_path(&la.pack_id);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let (ra, rb) = (
+        la.offset as usize..(la.offset + u64::from(la.len)) as usize,
+        lb.offset as usize..(lb.offset + u64::from(lb.len)) as usize,
+    );
+    let rec_a = bytes[ra.clone()].to_vec();
+    let rec_b = bytes[rb.clone()].to_vec();
+    bytes[ra].copy_from_slice(&rec_b);
+    bytes[rb].copy_from_slice(&rec_a);
+    std::fs::write(&path, &bytes).expect("write");
+    for d in [&a, &b] {
+        let e = f
+            .store
+            .get(&f.store.chunk_id(&ChunkHash::of(d)))
+            .await
+            .expect_err("swapped");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn crash_leftovers_are_removed_and_their_chunks_lacking() {
+    let f = fixture(StoreConfig::default()).await;
+    let chunks = [text(1, 100_000), noise(2, 100_000)];
+    for c in &chunks {
+        put_ok(&f.store, c).await;
+    }
+    // Simulate a crash while the pack was being written: its .tmp is on disk,
+    // nothing was renamed or catalogued.
+    let open = f.store.state().open.take().expect("open pack");
+    let id = *open.builder.id();
+    let (bytes, _, _) = open.builder.finish(&open.key).expect("finish");
+    let final_path = f.store.pack_path(&id);
+    files::ensure_dir(final_path.parent().expect("dir")).expect("mkdir");
+    let tmp = final_path.with_extension("pack.0123456789abcdef.tmp");
+    std::fs::write(&tmp, &bytes).expect("write tmp");
+    drop(f.store);
+
+    let store = open_store(f.dir.path(), &f.catalog, StoreConfig::default()).await;
+    assert!(!tmp.exists(), "crash garbage removed");
+    assert!(!final_path.exists());
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    assert_eq!(
+        store.lacking(&hashes).await.expect("lacking"),
+        vec![true, true]
+    );
+    // The agent resends them and they are stored normally.
+    for c in &chunks {
+        assert!(matches!(put_ok(&store, c).await, PutOutcome::Stored { .. }));
+    }
+    store.flush().await.expect("flush");
+    assert_eq!(
+        store.lacking(&hashes).await.expect("lacking"),
+        vec![false, false]
+    );
+}
+
+#[tokio::test]
+async fn index_round_trip_and_tampering() {
+    let f = fixture(StoreConfig::default()).await;
+    let p = PointId([5; 16]);
+    let i0 = DiskIndex {
+        size: 10 << 20,
+        chunk_size: 1 << 20,
+        entries: vec![(0, ChunkId([1; 32])), (9, ChunkId([2; 32]))],
+    };
+    let i1 = DiskIndex {
+        size: 4096,
+        chunk_size: 1 << 20,
+        entries: vec![(0, ChunkId([3; 32]))],
+    };
+    f.store.write_index(&p, 0, &i0).await.expect("write 0");
+    f.store.write_index(&p, 1, &i1).await.expect("write 1");
+    assert_eq!(f.store.read_index(&p, 0).await.expect("read 0"), i0);
+    assert_eq!(f.store.read_index(&p, 1).await.expect("read 1"), i1);
+    assert!(matches!(
+        f.store.read_index(&p, 2).await,
+        Err(StoreError::IndexNotFound { stream_no: 2, .. })
+    ));
+
+    // Swapped between streams: the AD binds the stream number.
+    let (f0, f1) = (f.store.index_path(&p, 0), f.store.index_path(&p, 1));
+    let (b0, b1) = (
+        std::fs::read(&f0).expect("r0"),
+        std::fs::read(&f1).expect("r1"),
+    );
+    std::fs::write(&f0, &b1).expect("w0");
+    std::fs::write(&f1, &b0).expect("w1");
+    assert!(matches!(
+        f.store.read_index(&p, 0).await,
+        Err(StoreError::BadIndex { .. })
+    ));
+    assert!(matches!(
+        f.store.read_index(&p, 1).await,
+        Err(StoreError::BadIndex { .. })
+    ));
+    // Moved to another point.
+    let q = PointId([6; 16]);
+    files::ensure_dir(f.store.index_path(&q, 0).parent().expect("dir")).expect("mkdir");
+    std::fs::write(f.store.index_path(&q, 0), &b0).expect("w");
+    assert!(matches!(
+        f.store.read_index(&q, 0).await,
+        Err(StoreError::BadIndex { .. })
+    ));
+    // Any flipped byte.
+    for i in (0..b0.len()).step_by(7) {
+        let mut bad = b0.clone();
+        bad[i] ^= 0x20;
+        std::fs::write(&f0, &bad).expect("w");
+        assert!(
+            matches!(
+                f.store.read_index(&p, 0).await,
+                Err(StoreError::BadIndex { .. })
+            ),
+            "byte {i}"
+        );
+    }
+    // Invalid indexes are refused before anything is written.
+    let bad = DiskIndex {
+        size: 1 << 20,
+        chunk_size: 1 << 20,
+        entries: vec![(1, ChunkId([1; 32]))],
+    };
+    assert!(matches!(
+        f.store.write_index(&p, 7, &bad).await,
+        Err(StoreError::InvalidIndex(_))
+    ));
+    assert!(!f.store.index_path(&p, 7).exists());
+}
+
+#[tokio::test]
+async fn disk_full_while_sealing_loses_nothing() {
+    let f = fixture(StoreConfig::default()).await;
+    let chunks: Vec<Bytes> = (0..4).map(|i| noise(i, 60_000)).collect();
+    for c in &chunks {
+        put_ok(&f.store, c).await;
+    }
+    f.store
+        .shared
+        .faults
+        .enospc_writes
+        .store(1, Ordering::SeqCst);
+    let e = f.store.flush().await.expect_err("disk full");
+    assert!(e.is_disk_full(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("local store disk is full while writing pack "),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with(": free space or add capacity; nothing was lost"),
+        "{msg}"
+    );
+    assert!(
+        all_files(f.dir.path()).iter().all(|p| !p.ends_with(".tmp")),
+        "tmp removed"
+    );
+    assert!(pack_files(f.dir.path()).is_empty());
+    let ids: Vec<ChunkId> = chunks
+        .iter()
+        .map(|c| f.store.chunk_id(&ChunkHash::of(c)))
+        .collect();
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+    // Still pending (not lacking, so agents do not resend), not durable.
+    assert_eq!(
+        f.store.lacking(&hashes).await.expect("lacking"),
+        vec![false; 4]
+    );
+    assert_eq!(f.store.missing(&ids).await.expect("missing").len(), 4);
+    // The store keeps working: new puts go on, and the next flush writes all.
+    let extra = noise(99, 60_000);
+    put_ok(&f.store, &extra).await;
+    f.store.flush().await.expect("flush after space was freed");
+    assert!(f.store.missing(&ids).await.expect("missing").is_empty());
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(&f.store.get(id).await.expect("get"), c);
+    }
+    assert_eq!(
+        f.store
+            .get(&f.store.chunk_id(&ChunkHash::of(&extra)))
+            .await
+            .expect("get"),
+        extra
+    );
+    assert_eq!(pack_files(f.dir.path()).len(), 2);
+}
+
+#[tokio::test]
+async fn disk_full_at_rotation_fails_the_put_that_needs_space() {
+    let f = fixture(small_packs()).await;
+    let chunks: Vec<Bytes> = (0..5).map(|i| noise(i, 60_000)).collect();
+    for c in &chunks[..4] {
+        put_ok(&f.store, c).await; // 4 × 60 KB ≥ 200 KiB target: next put rotates
+    }
+    f.store
+        .shared
+        .faults
+        .enospc_writes
+        .store(1, Ordering::SeqCst);
+    let e = f
+        .store
+        .put(ChunkHash::of(&chunks[4]), chunks[4].clone())
+        .await
+        .expect_err("disk full");
+    assert!(e.is_disk_full(), "{e}");
+    assert_eq!(
+        f.store
+            .lacking(&[ChunkHash::of(&chunks[4])])
+            .await
+            .expect("lacking"),
+        vec![true],
+        "not stored"
+    );
+    assert!(
+        matches!(
+            put_ok(&f.store, &chunks[4]).await,
+            PutOutcome::Stored { .. }
+        ),
+        "retry succeeds"
+    );
+    f.store.flush().await.expect("flush");
+    for c in &chunks {
+        assert_eq!(
+            &f.store
+                .get(&f.store.chunk_id(&ChunkHash::of(c)))
+                .await
+                .expect("get"),
+            c
+        );
+    }
+}
+
+#[tokio::test]
+async fn disk_full_writing_an_index() {
+    let f = fixture(StoreConfig::default()).await;
+    let p = PointId([1; 16]);
+    let i = DiskIndex {
+        size: 1 << 20,
+        chunk_size: 1 << 20,
+        entries: vec![(0, ChunkId([1; 32]))],
+    };
+    f.store
+        .shared
+        .faults
+        .enospc_writes
+        .store(1, Ordering::SeqCst);
+    let e = f.store.write_index(&p, 0, &i).await.expect_err("disk full");
+    assert!(
+        e.to_string()
+            .starts_with("local store disk is full while writing index 0 of point "),
+        "{e}"
+    );
+    assert!(all_files(f.dir.path()).iter().all(|p| !p.ends_with(".tmp")));
+    f.store
+        .write_index(&p, 0, &i)
+        .await
+        .expect("write after space was freed");
+    assert_eq!(f.store.read_index(&p, 0).await.expect("read"), i);
+}
+
+#[tokio::test]
+async fn concurrent_puts_rotate_packs_and_store_each_chunk_once() {
+    let f = fixture(small_packs()).await;
+    let store = Arc::new(f.store);
+    let chunks: Arc<Vec<Bytes>> = Arc::new(
+        (0..40)
+            .map(|i| {
+                if i % 2 == 0 {
+                    noise(i, 50_000)
+                } else {
+                    text(i, 120_000)
+                }
+            })
+            .collect(),
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..6u64 {
+        let (s, chunks) = (store.clone(), chunks.clone());
+        set.spawn(async move {
+            let mut stored = 0;
+            // Every task puts every chunk, in a different order.
+            for k in 0..chunks.len() as u64 {
+                let c = &chunks[((k * 7 + t * 5) % chunks.len() as u64) as usize];
+                if let PutOutcome::Stored { .. } =
+                    s.put(ChunkHash::of(c), c.clone()).await.expect("put")
+                {
+                    stored += 1;
+                }
+            }
+            stored
+        });
+    }
+    let mut stored = 0;
+    while let Some(r) = set.join_next().await {
+        stored += r.expect("join");
+    }
+    assert_eq!(stored, 40);
+    store.flush().await.expect("flush");
+    let packs = pack_files(f.dir.path());
+    assert!(packs.len() > 2, "rotated: {} packs", packs.len());
+    let master = MasterKey::from_bytes(MASTER);
+    let mut seen = std::collections::HashSet::new();
+    for p in &packs {
+        let bytes = std::fs::read(p).expect("read");
+        for e in parse_pack(|id| master.pack_key(id), &bytes)
+            .expect("parse")
+            .1
+        {
+            assert!(seen.insert(e.chunk_id), "chunk in two packs");
+        }
+    }
+    assert_eq!(seen.len(), 40);
+    for c in chunks.iter() {
+        assert_eq!(
+            &store
+                .get(&store.chunk_id(&ChunkHash::of(c)))
+                .await
+                .expect("get"),
+            c
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! Tierback gateway: the branch-office appliance. It serves the HTTPS API for
+//! agents and admins, keeps recovery points on an encrypted, deduplicated
+//! local disk tier, catalogues them in SQL and restores them.
+//!
+//! # Concurrency
+//!
+//! | operation | may run with | protected by |
+//! |---|---|---|
+//! | backup sessions (many agents) | each other, restores, verify | a session's own mutex; the store's open-pack lock for appends |
+//! | chunk `put` | other puts | CPU work outside the lock; only the append to the open pack is serialised |
+//! | `flush` (seal pack) | puts (they wait for the new open pack) | the open-pack lock |
+//! | commit of a point | other commits | one SQL transaction each |
+//! | restore reads, verify | everything | sealed packs are immutable |
+//!
+//! Write ordering follows DESIGN.md §6 (see docs/formats.md): pack durable →
+//! index durable → point committed in one transaction.
+
+pub mod api;
+pub mod catalog;
+pub mod chunk_store;
+pub mod client;
+pub mod config;
+pub mod restore;
+pub mod server;
+pub mod setup;
+pub mod tls;
