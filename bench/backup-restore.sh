@@ -28,10 +28,12 @@ RAW="$WORK/bench-disk.raw"
 if [ ! -f "$DISK" ]; then
   echo "building the 4 GiB test disk (takes a minute)…" >&2
   CONTENT="$WORK/content"; rm -rf "$CONTENT"; mkdir -p "$CONTENT/usr" "$CONTENT/log" "$CONTENT/data"
-  # ~1.7 GB of real binaries and libraries
-  for d in /usr/lib /usr/share /usr/bin; do cp -a "$d" "$CONTENT/usr/" 2>/dev/null || true; done
-  while [ "$(du -sm "$CONTENT/usr" | cut -f1)" -gt 1800 ]; do
-    victim="$(find "$CONTENT/usr" -type f -size +1M | head -n 200)"; [ -n "$victim" ] || break; echo "$victim" | xargs rm -f
+  # ~1.8 GB of real binaries and libraries, whole directories until the budget is reached
+  mkdir -p "$CONTENT/usr/lib"
+  for d in /usr/share /usr/bin /usr/lib/*; do
+    [ "$(du -sm "$CONTENT/usr" | cut -f1)" -ge 1800 ] && break
+    case "$d" in /usr/lib/*) dest="$CONTENT/usr/lib/";; *) dest="$CONTENT/usr/";; esac
+    cp -a "$d" "$dest" 2>/dev/null || true
   done
   # ~400 MB of log-like text
   python3 - "$CONTENT/log" <<'PY'

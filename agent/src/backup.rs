@@ -61,7 +61,11 @@ pub struct BackupOptions {
 /// Something that can be read like a virtual disk.
 enum Source {
     Disk(Box<dyn VirtualDisk>),
-    File { path: PathBuf, file: std::fs::File, size: u64 },
+    File {
+        path: PathBuf,
+        file: std::fs::File,
+        size: u64,
+    },
 }
 
 impl Source {
@@ -84,7 +88,8 @@ impl Source {
             Source::Disk(d) => Ok(d.read_at(off, buf)?),
             Source::File { path, file, .. } => {
                 use std::os::unix::fs::FileExt;
-                file.read_exact_at(buf, off).with_context(|| format!("reading {}", path.display()))
+                file.read_exact_at(buf, off)
+                    .with_context(|| format!("reading {}", path.display()))
             }
         }
     }
@@ -115,7 +120,8 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
     let mut disks = Vec::new();
     for (i, d) in vm.descriptor.disks.iter().enumerate() {
         let path = vm.resolve(&d.path);
-        let vd = disk::open_disk(&path, &vm.folder).with_context(|| format!("opening disk {i} ({})", d.path))?;
+        let vd = disk::open_disk(&path, &vm.folder)
+            .with_context(|| format!("opening disk {i} ({})", d.path))?;
         disks.push(DiskInfo {
             index: i as u32,
             path: d.path.clone(),
@@ -142,7 +148,8 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
     files.extend(vm.descriptor.config_files.iter().cloned());
     for rel in files {
         let path = vm.resolve(&rel);
-        let file = std::fs::File::open(&path).with_context(|| format!("opening config file {}", path.display()))?;
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("opening config file {}", path.display()))?;
         let size = file.metadata()?.len();
         specs.push(StreamSpec {
             stream_no: specs.len() as u32,
@@ -187,12 +194,20 @@ struct Batch {
 }
 
 /// Backs up one VM; returns the committed point's report.
-pub async fn backup_vm(client: &GatewayClient, vm: &HostVm, opts: &BackupOptions) -> anyhow::Result<BackupReport> {
+pub async fn backup_vm(
+    client: &GatewayClient,
+    vm: &HostVm,
+    opts: &BackupOptions,
+) -> anyhow::Result<BackupReport> {
     let start = Instant::now();
     let (specs, sources, disks) = open_sources(vm)?;
     let info = vm_info_with(vm, disks);
     let begin = client
-        .begin(&BeginBackupRequest { vm: info.clone(), streams: specs.clone(), full: opts.full })
+        .begin(&BeginBackupRequest {
+            vm: info.clone(),
+            streams: specs.clone(),
+            full: opts.full,
+        })
         .await?;
     let sid = begin.session_id.clone();
     let r = run_session(client, &sid, begin.chunk_size, specs, sources, opts).await;
@@ -223,7 +238,9 @@ async fn run_session(
     let mut total_allocated = 0u64;
     let mut rep = BackupReport::default();
     for (spec, src) in specs.iter().zip(&sources) {
-        let ranges = src.ranges().with_context(|| format!("reading the allocation map of {}", spec.path))?;
+        let ranges = src
+            .ranges()
+            .with_context(|| format!("reading the allocation map of {}", spec.path))?;
         let chunks = chunks_of_ranges(&ranges, cs, src.size());
         let touched: u64 = chunks.iter().map(|n| cs.min(src.size() - n * cs)).sum();
         rep.bytes_skipped += src.size() - touched;
@@ -254,7 +271,10 @@ async fn run_session(
             let missing = client.lack(sid, hashes).await?;
             let mut body = Vec::new();
             for &m in &missing {
-                let (_, h, data) = batch.chunks.get(m as usize).context("the gateway named a chunk that was not asked about")?;
+                let (_, h, data) = batch
+                    .chunks
+                    .get(m as usize)
+                    .context("the gateway named a chunk that was not asked about")?;
                 if !body.is_empty() && body.len() + data.len() > opts.upload_batch_bytes {
                     send(client, sid, &mut body, &mut rep).await?;
                 }
@@ -267,7 +287,9 @@ async fn run_session(
             }
             rep.chunks += batch.chunks.len() as u64;
             rep.dedup_chunks += (batch.chunks.len() - missing.len()) as u64;
-            let idx = indexes.get_mut(batch.stream as usize).context("bad stream number")?;
+            let idx = indexes
+                .get_mut(batch.stream as usize)
+                .context("bad stream number")?;
             idx.extend(batch.chunks.iter().map(|(n, h, _)| (*n, *h)));
         }
         Ok(())
@@ -283,7 +305,13 @@ async fn run_session(
         client.stream_index(sid, stream as u32, entries).await?;
     }
     let c = client
-        .commit(sid, &CommitRequest { bytes_read: rep.bytes_read, bytes_sent: rep.bytes_sent })
+        .commit(
+            sid,
+            &CommitRequest {
+                bytes_read: rep.bytes_read,
+                bytes_sent: rep.bytes_sent,
+            },
+        )
         .await?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -294,7 +322,12 @@ async fn run_session(
     Ok(rep)
 }
 
-async fn send(client: &GatewayClient, sid: &str, body: &mut Vec<u8>, rep: &mut BackupReport) -> anyhow::Result<()> {
+async fn send(
+    client: &GatewayClient,
+    sid: &str,
+    body: &mut Vec<u8>,
+    rep: &mut BackupReport,
+) -> anyhow::Result<()> {
     let r = client.chunks(sid, std::mem::take(body)).await?;
     rep.stored_bytes += r.stored_bytes;
     Ok(())
@@ -311,7 +344,12 @@ fn read_all(
 ) -> anyhow::Result<()> {
     for (stream, (src, plan)) in sources.iter().zip(plans).enumerate() {
         let size = src.size();
-        let mut batch = Batch { stream: stream as u32, chunks: Vec::new(), bytes_read: 0, zero_chunks: 0 };
+        let mut batch = Batch {
+            stream: stream as u32,
+            chunks: Vec::new(),
+            bytes_read: 0,
+            zero_chunks: 0,
+        };
         for &n in plan {
             let len = cs.min(size - n * cs) as usize;
             let mut buf = vec![0u8; len];
@@ -327,8 +365,16 @@ fn read_all(
                 batch.chunks.push((n, h, buf));
             }
             if batch.chunks.len() >= lack_batch {
-                let next = Batch { stream: stream as u32, chunks: Vec::new(), bytes_read: 0, zero_chunks: 0 };
-                if tx.blocking_send(Ok(std::mem::replace(&mut batch, next))).is_err() {
+                let next = Batch {
+                    stream: stream as u32,
+                    chunks: Vec::new(),
+                    bytes_read: 0,
+                    zero_chunks: 0,
+                };
+                if tx
+                    .blocking_send(Ok(std::mem::replace(&mut batch, next)))
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -342,7 +388,9 @@ fn read_all(
 
 fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);
-    let body_zero = words.by_ref().all(|c| c.try_into().map(u128::from_ne_bytes).is_ok_and(|w| w == 0));
+    let body_zero = words
+        .by_ref()
+        .all(|c| c.try_into().map(u128::from_ne_bytes).is_ok_and(|w| w == 0));
     body_zero && words.remainder().iter().all(|&b| b == 0)
 }
 
@@ -353,8 +401,10 @@ fn progress_bar(enabled: bool, total: u64) -> Option<indicatif::ProgressBar> {
     }
     let b = indicatif::ProgressBar::new(total);
     b.set_style(
-        indicatif::ProgressStyle::with_template("backup {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "backup {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(b)
 }
@@ -368,8 +418,14 @@ mod tests {
         let cs = 1 << 20;
         assert_eq!(chunks_of_ranges(&[(0, 1)], cs, 10 << 20), vec![0]);
         assert_eq!(chunks_of_ranges(&[(cs - 1, 2)], cs, 10 << 20), vec![0, 1]);
-        assert_eq!(chunks_of_ranges(&[(0, cs), (cs / 2, cs)], cs, 10 << 20), vec![0, 1]);
-        assert_eq!(chunks_of_ranges(&[(5 * cs, 100 * cs)], cs, 7 * cs), vec![5, 6]);
+        assert_eq!(
+            chunks_of_ranges(&[(0, cs), (cs / 2, cs)], cs, 10 << 20),
+            vec![0, 1]
+        );
+        assert_eq!(
+            chunks_of_ranges(&[(5 * cs, 100 * cs)], cs, 7 * cs),
+            vec![5, 6]
+        );
         assert!(chunks_of_ranges(&[(0, 0)], cs, cs).is_empty());
     }
 

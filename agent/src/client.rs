@@ -24,7 +24,11 @@ pub struct GatewayClient {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the gateway at {base}: {cause}")]
-    Transport { base: String, cause: String, retryable: bool },
+    Transport {
+        base: String,
+        cause: String,
+        retryable: bool,
+    },
     #[error("the gateway refused this agent's credential ({0}); re-enrol the agent")]
     Unauthorized(String),
     #[error("gateway answered {status}: {message}")]
@@ -55,7 +59,11 @@ impl GatewayClient {
         if !base.starts_with("https://") {
             anyhow::bail!("the gateway URL must start with https:// (got {base})");
         }
-        Ok(Self { http, base, credential })
+        Ok(Self {
+            http,
+            base,
+            credential,
+        })
     }
 
     async fn once(
@@ -83,7 +91,10 @@ impl GatewayClient {
         if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized(message));
         }
-        Err(ClientError::Status { status: status.as_u16(), message })
+        Err(ClientError::Status {
+            status: status.as_u16(),
+            message,
+        })
     }
 
     fn transport(&self, e: reqwest::Error) -> ClientError {
@@ -92,7 +103,11 @@ impl GatewayClient {
         while let Some(next) = cause.source() {
             cause = next;
         }
-        ClientError::Transport { base: self.base.clone(), cause: cause.to_string(), retryable }
+        ClientError::Transport {
+            base: self.base.clone(),
+            cause: cause.to_string(),
+            retryable,
+        }
     }
 
     /// One request with the retry policy.
@@ -107,7 +122,7 @@ impl GatewayClient {
             attempt += 1;
             match self.once(method.clone(), path, body.clone()).await {
                 Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "request failed; retrying");
+                    tracing::info!(error = %e, attempt, "request failed; retrying");
                     tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
                 }
                 r => return r,
@@ -115,10 +130,21 @@ impl GatewayClient {
         }
     }
 
-    async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let b = serde_json::to_vec(body)?;
-        let out = self.call(reqwest::Method::POST, path, Some(("application/json", b.into()))).await?;
-        serde_json::from_slice(&out).with_context(|| format!("decoding the gateway's answer to {path}"))
+        let out = self
+            .call(
+                reqwest::Method::POST,
+                path,
+                Some(("application/json", b.into())),
+            )
+            .await?;
+        serde_json::from_slice(&out)
+            .with_context(|| format!("decoding the gateway's answer to {path}"))
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> anyhow::Result<EnrollResponse> {
@@ -132,7 +158,9 @@ impl GatewayClient {
     }
 
     pub async fn inventory(&self, vms: Vec<VmInfo>) -> anyhow::Result<()> {
-        let _: serde_json::Value = self.post_json("/v1/agent/inventory", &InventoryRequest { vms }).await?;
+        let _: serde_json::Value = self
+            .post_json("/v1/agent/inventory", &InventoryRequest { vms })
+            .await?;
         Ok(())
     }
 
@@ -142,7 +170,12 @@ impl GatewayClient {
 
     /// Positions of the hashes the gateway lacks.
     pub async fn lack(&self, session: &str, hashes: Vec<ChunkHash>) -> anyhow::Result<Vec<u32>> {
-        let r: LackResponse = self.post_json(&format!("/v1/agent/backups/{session}/lack"), &LackRequest { hashes }).await?;
+        let r: LackResponse = self
+            .post_json(
+                &format!("/v1/agent/backups/{session}/lack"),
+                &LackRequest { hashes },
+            )
+            .await?;
         Ok(r.missing)
     }
 
@@ -157,7 +190,12 @@ impl GatewayClient {
         Ok(serde_json::from_slice(&out)?)
     }
 
-    pub async fn stream_index(&self, session: &str, stream: u32, entries: &[(u64, ChunkHash)]) -> anyhow::Result<()> {
+    pub async fn stream_index(
+        &self,
+        session: &str,
+        stream: u32,
+        entries: &[(u64, ChunkHash)],
+    ) -> anyhow::Result<()> {
         for part in entries.chunks(64 * 1024) {
             self.call(
                 reqwest::Method::POST,
@@ -169,20 +207,44 @@ impl GatewayClient {
         Ok(())
     }
 
-    pub async fn commit(&self, session: &str, req: &CommitRequest) -> anyhow::Result<CommitResponse> {
-        self.post_json(&format!("/v1/agent/backups/{session}/commit"), req).await
+    pub async fn commit(
+        &self,
+        session: &str,
+        req: &CommitRequest,
+    ) -> anyhow::Result<CommitResponse> {
+        self.post_json(&format!("/v1/agent/backups/{session}/commit"), req)
+            .await
     }
 
     pub async fn abort(&self, session: &str) {
-        let _ = self.once(reqwest::Method::POST, &format!("/v1/agent/backups/{session}/abort"), None).await;
+        let _ = self
+            .once(
+                reqwest::Method::POST,
+                &format!("/v1/agent/backups/{session}/abort"),
+                None,
+            )
+            .await;
     }
 }
 
 /// A pin mismatch or TLS alert is not worth retrying.
 fn is_tls_rejection(e: &reqwest::Error) -> bool {
-    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        // io::Error hides its payload from source(); look inside.
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.downcast_ref::<rustls::Error>().is_some() {
+                return true;
+            }
+        }
+        // Certificate failures never heal by retrying, however they are wrapped.
+        if c.to_string().contains("certificate") {
             return true;
         }
         cause = c.source();

@@ -14,9 +14,16 @@ pub enum HostError {
     #[error("{path}: {reason}")]
     BadDescriptor { path: PathBuf, reason: String },
     #[error("no VM named or with id {wanted:?} under {root} (VMs found: {found})")]
-    UnknownVm { wanted: String, root: PathBuf, found: String },
+    UnknownVm {
+        wanted: String,
+        root: PathBuf,
+        found: String,
+    },
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `vm.json`.
@@ -86,13 +93,16 @@ pub struct FolderHost {
 
 impl FolderHost {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
 }
 
 /// A vm.json path must stay inside the VM folder.
 fn check_relative(desc_path: &Path, p: &str) -> Result<(), HostError> {
-    let bad = p.is_empty() || p.starts_with('/') || p.contains('\\') || p.split('/').any(|c| c == "..");
+    let bad =
+        p.is_empty() || p.starts_with('/') || p.contains('\\') || p.split('/').any(|c| c == "..");
     if bad {
         return Err(HostError::BadDescriptor {
             path: desc_path.to_path_buf(),
@@ -105,14 +115,28 @@ fn check_relative(desc_path: &Path, p: &str) -> Result<(), HostError> {
 /// Reads and validates one VM folder.
 pub fn read_vm(folder: &Path) -> Result<HostVm, HostError> {
     let p = folder.join("vm.json");
-    let bytes = std::fs::read(&p).map_err(|source| HostError::Io { path: p.clone(), source })?;
-    let d: VmDescriptor = serde_json::from_slice(&bytes)
-        .map_err(|e| HostError::BadDescriptor { path: p.clone(), reason: e.to_string() })?;
-    if d.id.is_empty() || !d.id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') || d.id.len() > 64 {
-        return Err(HostError::BadDescriptor { path: p, reason: format!("id {:?} is not a GUID", d.id) });
+    let bytes = std::fs::read(&p).map_err(|source| HostError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let d: VmDescriptor = serde_json::from_slice(&bytes).map_err(|e| HostError::BadDescriptor {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    if d.id.is_empty()
+        || !d.id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        || d.id.len() > 64
+    {
+        return Err(HostError::BadDescriptor {
+            path: p,
+            reason: format!("id {:?} is not a GUID", d.id),
+        });
     }
     if d.name.is_empty() {
-        return Err(HostError::BadDescriptor { path: p, reason: "name is empty".into() });
+        return Err(HostError::BadDescriptor {
+            path: p,
+            reason: "name is empty".into(),
+        });
     }
     for f in &d.config_files {
         check_relative(&p, f)?;
@@ -120,7 +144,11 @@ pub fn read_vm(folder: &Path) -> Result<HostVm, HostError> {
     for disk in &d.disks {
         check_relative(&p, &disk.path)?;
     }
-    Ok(HostVm { folder: folder.to_path_buf(), descriptor: d, descriptor_bytes: bytes })
+    Ok(HostVm {
+        folder: folder.to_path_buf(),
+        descriptor: d,
+        descriptor_bytes: bytes,
+    })
 }
 
 impl HostProvider for FolderHost {
@@ -128,10 +156,16 @@ impl HostProvider for FolderHost {
         if !self.root.is_dir() {
             return Err(HostError::NoRoot(self.root.clone()));
         }
-        let rd = std::fs::read_dir(&self.root).map_err(|source| HostError::Io { path: self.root.clone(), source })?;
+        let rd = std::fs::read_dir(&self.root).map_err(|source| HostError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
         let mut out = Vec::new();
         for e in rd {
-            let e = e.map_err(|source| HostError::Io { path: self.root.clone(), source })?;
+            let e = e.map_err(|source| HostError::Io {
+                path: self.root.clone(),
+                source,
+            })?;
             if e.path().join("vm.json").is_file() {
                 out.push(read_vm(&e.path())?);
             }
@@ -142,18 +176,24 @@ impl HostProvider for FolderHost {
 
     fn find_vm(&self, wanted: &str) -> Result<HostVm, HostError> {
         let vms = self.list_vms()?;
-        let found = vms
-            .iter()
-            .position(|v| v.descriptor.name == wanted || v.descriptor.id.eq_ignore_ascii_case(wanted));
+        let found = vms.iter().position(|v| {
+            v.descriptor.name == wanted || v.descriptor.id.eq_ignore_ascii_case(wanted)
+        });
         match found {
-            Some(i) => Ok(vms.into_iter().nth(i).ok_or(HostError::NoRoot(self.root.clone()))?),
+            Some(i) => Ok(vms
+                .into_iter()
+                .nth(i)
+                .ok_or(HostError::NoRoot(self.root.clone()))?),
             None => Err(HostError::UnknownVm {
                 wanted: wanted.to_string(),
                 root: self.root.clone(),
                 found: if vms.is_empty() {
                     "none".into()
                 } else {
-                    vms.iter().map(|v| v.descriptor.name.as_str()).collect::<Vec<_>>().join(", ")
+                    vms.iter()
+                        .map(|v| v.descriptor.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 },
             }),
         }
@@ -173,21 +213,48 @@ mod tests {
     #[test]
     fn finds_vms_by_name_and_id_and_names_the_missing_one() {
         let t = tempfile::tempdir().expect("tmp");
-        vm(t.path(), "web01", r#"{"id":"8F0C2D1E-4B7A-4C59-9A0E-2F6D7C1B33A1","name":"web01","disks":[{"controller":"SCSI","location":"0:0","path":"Virtual Hard Disks/a.vhdx"}]}"#);
-        vm(t.path(), "db01", r#"{"id":"11111111-2222-3333-4444-555555555555","name":"db01"}"#);
+        vm(
+            t.path(),
+            "web01",
+            r#"{"id":"8F0C2D1E-4B7A-4C59-9A0E-2F6D7C1B33A1","name":"web01","disks":[{"controller":"SCSI","location":"0:0","path":"Virtual Hard Disks/a.vhdx"}]}"#,
+        );
+        vm(
+            t.path(),
+            "db01",
+            r#"{"id":"11111111-2222-3333-4444-555555555555","name":"db01"}"#,
+        );
         let h = FolderHost::new(t.path());
         assert_eq!(h.list_vms().expect("list").len(), 2);
-        assert_eq!(h.find_vm("web01").expect("by name").descriptor.disks.len(), 1);
-        assert_eq!(h.find_vm("8f0c2d1e-4b7a-4c59-9a0e-2f6d7c1b33a1").expect("by id").descriptor.name, "web01");
+        assert_eq!(
+            h.find_vm("web01").expect("by name").descriptor.disks.len(),
+            1
+        );
+        assert_eq!(
+            h.find_vm("8f0c2d1e-4b7a-4c59-9a0e-2f6d7c1b33a1")
+                .expect("by id")
+                .descriptor
+                .name,
+            "web01"
+        );
         let err = h.find_vm("mail01").unwrap_err().to_string();
-        assert!(err.contains("mail01") && err.contains("db01, web01"), "{err}");
+        assert!(
+            err.contains("mail01") && err.contains("db01, web01"),
+            "{err}"
+        );
     }
 
     #[test]
     fn hostile_descriptors_are_refused() {
         let t = tempfile::tempdir().expect("tmp");
-        vm(t.path(), "evil", r#"{"id":"11111111-2222-3333-4444-555555555555","name":"evil","disks":[{"path":"../../etc/passwd"}]}"#);
-        let err = FolderHost::new(t.path()).list_vms().unwrap_err().to_string();
+        vm(
+            t.path(),
+            "evil",
+            r#"{"id":"11111111-2222-3333-4444-555555555555","name":"evil","disks":[{"path":"../../etc/passwd"}]}"#,
+        );
+        let err = FolderHost::new(t.path())
+            .list_vms()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must be relative"), "{err}");
         vm(t.path(), "evil", r#"{"id":"x; rm","name":"evil"}"#);
         assert!(FolderHost::new(t.path()).list_vms().is_err());

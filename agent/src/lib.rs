@@ -6,6 +6,6 @@
 
 pub mod backup;
 pub mod client;
+pub mod disk;
 pub mod host;
 pub mod state;
-pub mod disk;

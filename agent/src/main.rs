@@ -78,7 +78,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -100,9 +103,19 @@ fn human(n: u64) -> String {
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Enroll { state_dir, gateway, token, fingerprint, host_root, json } => {
+        Cmd::Enroll {
+            state_dir,
+            gateway,
+            token,
+            fingerprint,
+            host_root,
+            json,
+        } => {
             if AgentState::config_path(&state_dir).exists() {
-                anyhow::bail!("{} is already enrolled; use another --state-dir or remove it first", state_dir.display());
+                anyhow::bail!(
+                    "{} is already enrolled; use another --state-dir or remove it first",
+                    state_dir.display()
+                );
             }
             let host_root = std::fs::canonicalize(&host_root)
                 .with_context(|| format!("host root {} does not exist", host_root.display()))?;
@@ -110,7 +123,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let vms = host.list_vms()?;
             let client = GatewayClient::new(&gateway, &fingerprint, None)?;
             let host_name = hostname();
-            let r = client.enroll(&EnrollRequest { token: token.trim().to_string(), host_name: host_name.clone() }).await?;
+            let r = client
+                .enroll(&EnrollRequest {
+                    token: token.trim().to_string(),
+                    host_name: host_name.clone(),
+                })
+                .await?;
             let cfg = AgentConfig {
                 gateway: gateway.trim_end_matches('/').to_string(),
                 fingerprint,
@@ -125,9 +143,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let reported = infos.len();
             client.inventory(infos).await?;
             if json {
-                println!("{}", serde_json::json!({ "agent_id": r.agent_id, "host_name": host_name, "vms": reported }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "agent_id": r.agent_id, "host_name": host_name, "vms": reported })
+                );
             } else {
-                println!("enrolled as {} ({}); {} VM(s) reported", r.agent_id, host_name, reported);
+                println!(
+                    "enrolled as {} ({}); {} VM(s) reported",
+                    r.agent_id, host_name, reported
+                );
             }
         }
         Cmd::Vms { state_dir, json } => {
@@ -135,9 +159,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let vms = FolderHost::new(&st.cfg.host_root).list_vms()?;
             let mut infos = Vec::new();
             for v in &vms {
-                infos.push(backup::vm_info(v).with_context(|| format!("VM {}", v.descriptor.name))?);
+                infos
+                    .push(backup::vm_info(v).with_context(|| format!("VM {}", v.descriptor.name))?);
             }
-            let client = GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
+            let client =
+                GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
             client.inventory(infos.clone()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos)?);
@@ -145,16 +171,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 for v in infos {
                     println!("{} {} ({}, gen {})", v.id, v.name, v.state, v.generation);
                     for d in v.disks {
-                        println!("    disk {}: {} {} — {}", d.index, d.path, human(d.virtual_size), d.format);
+                        println!(
+                            "    disk {}: {} {} — {}",
+                            d.index,
+                            d.path,
+                            human(d.virtual_size),
+                            d.format
+                        );
                     }
                 }
             }
         }
-        Cmd::Backup { state_dir, vm, full, json } => {
+        Cmd::Backup {
+            state_dir,
+            vm,
+            full,
+            json,
+        } => {
             let st = AgentState::load(&state_dir)?;
             let host = FolderHost::new(&st.cfg.host_root);
             let hv = host.find_vm(&vm)?;
-            let client = GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
+            let client =
+                GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
             let opts = BackupOptions {
                 full,
                 progress: !json,
@@ -176,7 +214,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     r.dedup_chunks,
                     r.zero_chunks
                 );
-                println!("stored {} new; the point covers {} of data; {:.1} s", human(r.stored_bytes), human(r.logical_bytes), r.seconds);
+                println!(
+                    "stored {} new; the point covers {} of data; {:.1} s",
+                    human(r.stored_bytes),
+                    human(r.logical_bytes),
+                    r.seconds
+                );
             }
         }
     }

@@ -58,13 +58,18 @@ impl AgentState {
                 anyhow::anyhow!("reading {}: {e}", p.display())
             }
         })?;
-        let cfg: AgentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+        let cfg: AgentConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
         let cp = dir.join("credential");
         let credential = std::fs::read_to_string(&cp)
             .with_context(|| format!("reading {}", cp.display()))?
             .trim()
             .to_string();
-        Ok(Self { dir: dir.to_path_buf(), cfg, credential })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cfg,
+            credential,
+        })
     }
 
     /// Writes a new state dir (credential first, config last: the config

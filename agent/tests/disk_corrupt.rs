@@ -28,7 +28,20 @@ fn base() -> &'static Base {
         let rp = put(tmp.path(), "b.raw", &raw);
         let conv = |fmt: &str, opts: &str, name: &str| {
             let out = tmp.path().join(name);
-            run("qemu-img", &["convert", "-f", "raw", "-O", fmt, "-o", opts, path_str(&rp), path_str(&out)]);
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    fmt,
+                    "-o",
+                    opts,
+                    path_str(&rp),
+                    path_str(&out),
+                ],
+            );
             std::fs::read(&out).expect("read converted")
         };
         Base {
@@ -49,13 +62,23 @@ struct Map {
 
 fn map(v: &[u8]) -> Map {
     let rt = RegionTable::parse(&v[REGION_TABLE1_OFFSET as usize..]).expect("region table");
-    let off = |g| rt.entries.iter().find(|e| e.guid == g).expect("region").file_offset as usize;
+    let off = |g| {
+        rt.entries
+            .iter()
+            .find(|e| e.guid == g)
+            .expect("region")
+            .file_offset as usize
+    };
     let (bat, meta) = (off(BAT_REGION), off(METADATA_REGION));
     let mt = MetadataTable::parse(&v[meta..]).expect("metadata table");
     Map {
         bat,
         meta,
-        items: mt.entries.iter().map(|e| (e.item_id, meta + e.offset as usize)).collect(),
+        items: mt
+            .entries
+            .iter()
+            .map(|e| (e.item_id, meta + e.offset as usize))
+            .collect(),
     }
 }
 
@@ -85,7 +108,10 @@ impl Case {
             Ok(d) => panic!("{name} opened: {}", d.describe()),
             Err(e) => {
                 let s = e.to_string();
-                assert!(s.contains(name) && !s.contains('\n'), "not one line naming {name}: {s}");
+                assert!(
+                    s.contains(name) && !s.contains('\n'),
+                    "not one line naming {name}: {s}"
+                );
                 e
             }
         }
@@ -102,7 +128,12 @@ fn set_u32(v: &mut [u8], at: usize, x: u32) {
 /// Index and value of the first FULLY_PRESENT payload entry after `skip` of them.
 fn present_entry(v: &[u8], m: &Map, skip: usize) -> (usize, u64) {
     (0..8)
-        .map(|i| (i, u64::from_le_bytes(v[m.bat + 8 * i..m.bat + 8 * i + 8].try_into().expect("8"))))
+        .map(|i| {
+            (
+                i,
+                u64::from_le_bytes(v[m.bat + 8 * i..m.bat + 8 * i + 8].try_into().expect("8")),
+            )
+        })
         .filter(|(_, e)| e & 7 == u64::from(PAYLOAD_BLOCK_FULLY_PRESENT))
         .nth(skip)
         .expect("present entry")
@@ -113,7 +144,10 @@ fn truncated_files() {
     let b = base();
     let c = Case::new();
     let e = c.err("t300k.vhdx", &b.vhdx[..300 << 10]);
-    assert!(matches!(e, DiskError::Truncated { .. }) && e.to_string().contains("1 MiB"), "{e}");
+    assert!(
+        matches!(e, DiskError::Truncated { .. }) && e.to_string().contains("1 MiB"),
+        "{e}"
+    );
     let e = c.err("t0.vhdx", &[]);
     assert!(matches!(e, DiskError::Truncated { .. }), "{e}");
     let e = c.err("t5.vhdx", b"vhdxf");
@@ -133,8 +167,15 @@ fn one_bad_header_is_tolerated_two_are_not() {
     for (n, off) in [(1, HEADER1_OFFSET), (2, HEADER2_OFFSET)] {
         let mut v = b.vhdx.clone();
         v[off as usize + 40] ^= 0x01;
-        let d = c.open(&format!("h{n}.vhdx"), &v).unwrap_or_else(|e| panic!("{e}"));
-        assert!(d.describe().contains(&format!("header {n} CRC-32C mismatch")), "{}", d.describe());
+        let d = c
+            .open(&format!("h{n}.vhdx"), &v)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            d.describe()
+                .contains(&format!("header {n} CRC-32C mismatch")),
+            "{}",
+            d.describe()
+        );
         assert_matches_bytes(d.as_ref(), &b.raw, "one bad header");
     }
     let mut v = b.vhdx.clone();
@@ -142,7 +183,12 @@ fn one_bad_header_is_tolerated_two_are_not() {
     v[HEADER2_OFFSET as usize + 2000] ^= 0x80;
     let e = c.err("h12.vhdx", &v);
     let s = e.to_string();
-    assert!(e.is_corrupt() && s.contains("header 1 CRC-32C mismatch") && s.contains("header 2 CRC-32C mismatch"), "{s}");
+    assert!(
+        e.is_corrupt()
+            && s.contains("header 1 CRC-32C mismatch")
+            && s.contains("header 2 CRC-32C mismatch"),
+        "{s}"
+    );
     // Signature damage (with a valid CRC) is a bad header too.
     let mut v = b.vhdx.clone();
     for off in [HEADER1_OFFSET, HEADER2_OFFSET] {
@@ -174,7 +220,10 @@ fn header_fields() {
         h.sequence_number = 5;
         h.log_length = if k == 0 { 1 << 20 } else { 2 << 20 };
     });
-    assert!(c.err("seq.vhdx", &v).to_string().contains("same sequence number"));
+    assert!(c
+        .err("seq.vhdx", &v)
+        .to_string()
+        .contains("same sequence number"));
     // The newer header wins: make header 1 newer and point it at a bogus log.
     let mut v = b.vhdx.clone();
     rewrite_headers(&mut v, |h, k| {
@@ -196,7 +245,11 @@ fn region_table_damage() {
     assert_matches_bytes(d.as_ref(), &b.raw, "region table 1 damaged");
     v[REGION_TABLE2_OFFSET as usize + 9000] ^= 0x10;
     let e = c.err("rt12.vhdx", &v);
-    assert!(e.to_string().contains("region table CRC-32C mismatch (both copies)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("region table CRC-32C mismatch (both copies)"),
+        "{e}"
+    );
     // A required region nobody knows.
     let mut v = b.vhdx.clone();
     for off in [REGION_TABLE1_OFFSET, REGION_TABLE2_OFFSET] {
@@ -235,26 +288,51 @@ fn bat_damage() {
     let (i, e) = present_entry(&b.vhdx, &m, 0);
     let (j, _) = present_entry(&b.vhdx, &m, 1);
     let cases: Vec<(&str, usize, u64, &str)> = vec![
-        ("beyond.vhdx", i, (100u64 << 30) | 6, "points beyond end of file"),
+        (
+            "beyond.vhdx",
+            i,
+            (100u64 << 30) | 6,
+            "points beyond end of file",
+        ),
         ("header.vhdx", i, 6, "points into the header section"),
-        ("meta.vhdx", i, m.meta as u64 | 6, "overlaps the metadata region"),
+        (
+            "meta.vhdx",
+            i,
+            m.meta as u64 | 6,
+            "overlaps the metadata region",
+        ),
         ("dup.vhdx", j, e, "overlap"),
         ("state4.vhdx", i, e & !7 | 4, "reserved state 4"),
-        ("partial.vhdx", i, e & !7 | 7, "PARTIALLY_PRESENT in a disk without parent"),
+        (
+            "partial.vhdx",
+            i,
+            e & !7 | 7,
+            "PARTIALLY_PRESENT in a disk without parent",
+        ),
     ];
     for (name, idx, val, msg) in cases {
         let mut v = b.vhdx.clone();
         set_u64(&mut v, m.bat + 8 * idx, val);
         let err = c.err(name, &v);
-        assert!(err.is_corrupt() && err.to_string().contains(msg), "{name}: {err}");
+        assert!(
+            err.is_corrupt() && err.to_string().contains(msg),
+            "{name}: {err}"
+        );
     }
     let mut v = b.vhdx.clone();
     set_u64(&mut v, m.bat + 8 * i, (100u64 << 30) | 6);
-    assert!(c.err("msg.vhdx", &v).to_string().contains(&format!("BAT entry {i} points beyond end of file")));
+    assert!(c
+        .err("msg.vhdx", &v)
+        .to_string()
+        .contains(&format!("BAT entry {i} points beyond end of file")));
     // ZERO / UNMAPPED / UNDEFINED blocks read as zeros.
     let mut v = b.vhdx.clone();
     let mut want = b.raw.clone();
-    for (k, state) in [(0usize, PAYLOAD_BLOCK_ZERO), (1, PAYLOAD_BLOCK_UNMAPPED), (2, PAYLOAD_BLOCK_UNDEFINED)] {
+    for (k, state) in [
+        (0usize, PAYLOAD_BLOCK_ZERO),
+        (1, PAYLOAD_BLOCK_UNMAPPED),
+        (2, PAYLOAD_BLOCK_UNDEFINED),
+    ] {
         let (idx, e) = present_entry(&b.vhdx, &m, k);
         set_u64(&mut v, m.bat + 8 * idx, e & !7 | u64::from(state));
         want[idx << 20..(idx + 1) << 20].fill(0);
@@ -272,18 +350,59 @@ fn metadata_damage() {
     let vs = item(&m, VIRTUAL_DISK_SIZE_ITEM);
     let ls = item(&m, LOGICAL_SECTOR_SIZE_ITEM);
     let ps = item(&m, PHYSICAL_SECTOR_SIZE_ITEM);
-    let edits: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
-        ("bs.vhdx", Box::new(move |v| set_u32(v, fp, 3 << 20)), "block size"),
-        ("bs0.vhdx", Box::new(move |v| set_u32(v, fp, 0)), "block size"),
-        ("vs0.vhdx", Box::new(move |v| set_u64(v, vs, 0)), "virtual disk size"),
-        ("vsodd.vhdx", Box::new(move |v| set_u64(v, vs, (8 << 20) + 100)), "not a multiple"),
-        ("vshuge.vhdx", Box::new(move |v| set_u64(v, vs, u64::MAX)), "virtual disk size"),
-        ("ls.vhdx", Box::new(move |v| set_u32(v, ls, 1024)), "logical sector size"),
-        ("ps.vhdx", Box::new(move |v| set_u32(v, ps, 1000)), "physical sector size"),
-        ("sig.vhdx", Box::new(move |v| v[m.meta] = b'X'), "metadata table bad signature"),
-        ("parent.vhdx", Box::new(move |v| set_u32(v, fp + 4, 2)), "without a parent locator"),
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let edits: Vec<(&str, Edit, &str)> = vec![
+        (
+            "bs.vhdx",
+            Box::new(move |v| set_u32(v, fp, 3 << 20)),
+            "block size",
+        ),
+        (
+            "bs0.vhdx",
+            Box::new(move |v| set_u32(v, fp, 0)),
+            "block size",
+        ),
+        (
+            "vs0.vhdx",
+            Box::new(move |v| set_u64(v, vs, 0)),
+            "virtual disk size",
+        ),
+        (
+            "vsodd.vhdx",
+            Box::new(move |v| set_u64(v, vs, (8 << 20) + 100)),
+            "not a multiple",
+        ),
+        (
+            "vshuge.vhdx",
+            Box::new(move |v| set_u64(v, vs, u64::MAX)),
+            "virtual disk size",
+        ),
+        (
+            "ls.vhdx",
+            Box::new(move |v| set_u32(v, ls, 1024)),
+            "logical sector size",
+        ),
+        (
+            "ps.vhdx",
+            Box::new(move |v| set_u32(v, ps, 1000)),
+            "physical sector size",
+        ),
+        (
+            "sig.vhdx",
+            Box::new(move |v| v[m.meta] = b'X'),
+            "metadata table bad signature",
+        ),
+        (
+            "parent.vhdx",
+            Box::new(move |v| set_u32(v, fp + 4, 2)),
+            "without a parent locator",
+        ),
         // Virtual size grown past what the BAT region holds.
-        ("vsbig.vhdx", Box::new(move |v| set_u64(v, vs, 1 << 40)), "too small"),
+        (
+            "vsbig.vhdx",
+            Box::new(move |v| set_u64(v, vs, 1 << 40)),
+            "too small",
+        ),
     ];
     for (name, f, msg) in edits {
         let mut v = b.vhdx.clone();
@@ -301,7 +420,10 @@ fn metadata_damage() {
     let mut v = b.vhdx.clone();
     let at = entry(&v, VIRTUAL_DISK_SIZE_ITEM);
     set_u32(&mut v, at + 16, 2 << 20);
-    assert!(c.err("off.vhdx", &v).to_string().contains("outside the metadata region"));
+    assert!(c
+        .err("off.vhdx", &v)
+        .to_string()
+        .contains("outside the metadata region"));
     let mut v = b.vhdx.clone();
     let at = entry(&v, PAGE83_ITEM);
     v[at] ^= 0xff;
@@ -310,20 +432,31 @@ fn metadata_damage() {
     let at = entry(&v, PAGE83_ITEM);
     v[at] ^= 0xff;
     v[at + 24] &= !4; // not required any more: ignored, but the real item is now missing
-    assert!(c.err("miss.vhdx", &v).to_string().contains("virtual disk id is missing"));
+    assert!(c
+        .err("miss.vhdx", &v)
+        .to_string()
+        .contains("virtual disk id is missing"));
 }
 
 #[test]
 fn vhd_damage() {
     let b = base();
     let c = Case::new();
-    let d = c.open("f.vhd", &b.fixed_vhd).unwrap_or_else(|e| panic!("{e}"));
+    let d = c
+        .open("f.vhd", &b.fixed_vhd)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_matches_bytes(d.as_ref(), &b.raw, "fixed vhd");
     let mut v = b.fixed_vhd.clone();
     let n = v.len();
     v[n - 512 + 50] ^= 1;
-    assert!(c.err("fbad.vhd", &v).to_string().contains("footer checksum mismatch"));
-    assert!(c.err("ftrunc.vhd", &b.fixed_vhd[..b.fixed_vhd.len() - 1000]).to_string().contains("footer"));
+    assert!(c
+        .err("fbad.vhd", &v)
+        .to_string()
+        .contains("footer checksum mismatch"));
+    assert!(c
+        .err("ftrunc.vhd", &b.fixed_vhd[..b.fixed_vhd.len() - 1000])
+        .to_string()
+        .contains("footer"));
     // Dynamic: a damaged end footer falls back to the copy at offset 0.
     let mut v = b.dynamic_vhd.clone();
     let n = v.len();
@@ -335,11 +468,18 @@ fn vhd_damage() {
     let doff = u64::from_be_bytes(b.dynamic_vhd[16..24].try_into().expect("8")) as usize;
     let mut v = b.dynamic_vhd.clone();
     v[doff + 100] ^= 1;
-    assert!(c.err("dh.vhd", &v).to_string().contains("dynamic header checksum mismatch"));
-    let table = u64::from_be_bytes(b.dynamic_vhd[doff + 16..doff + 24].try_into().expect("8")) as usize;
+    assert!(c
+        .err("dh.vhd", &v)
+        .to_string()
+        .contains("dynamic header checksum mismatch"));
+    let table =
+        u64::from_be_bytes(b.dynamic_vhd[doff + 16..doff + 24].try_into().expect("8")) as usize;
     let mut v = b.dynamic_vhd.clone();
     v[table..table + 4].copy_from_slice(&0x0fff_0000u32.to_be_bytes());
-    assert!(c.err("dbat.vhd", &v).to_string().contains("BAT entry 0 points beyond end of file"));
+    assert!(c
+        .err("dbat.vhd", &v)
+        .to_string()
+        .contains("BAT entry 0 points beyond end of file"));
     let mut v = b.dynamic_vhd.clone();
     let n = v.len();
     for at in [0, n - 512] {
@@ -368,18 +508,35 @@ fn not_disks_and_bad_reads() {
     let b = base();
     let c = Case::new();
     assert!(c.err("notes.txt", b"hello").is_unsupported());
-    assert!(c.err("junk.vhdx", &[7u8; 4 << 20]).to_string().contains("vhdxfile"));
-    assert!(c.err("junk.vhd", &[7u8; 4096]).to_string().contains("conectix"));
+    assert!(c
+        .err("junk.vhdx", &[7u8; 4 << 20])
+        .to_string()
+        .contains("vhdxfile"));
+    assert!(c
+        .err("junk.vhd", &[7u8; 4096])
+        .to_string()
+        .contains("conectix"));
     let missing = c.dir.path().join("missing.vhdx");
-    let e = open_disk(&missing, c.dir.path()).err().expect("missing file");
-    assert!(matches!(e, DiskError::Io { .. }) && e.to_string().contains("missing.vhdx"), "{e}");
+    let e = open_disk(&missing, c.dir.path())
+        .err()
+        .expect("missing file");
+    assert!(
+        matches!(e, DiskError::Io { .. }) && e.to_string().contains("missing.vhdx"),
+        "{e}"
+    );
     // Raw images by extension.
     let d = c.open("disk.img", &b.raw).unwrap_or_else(|e| panic!("{e}"));
     assert_matches_bytes(d.as_ref(), &b.raw, "raw");
     assert_eq!(d.data_write_guid(), None);
     let d = c.open("ok.vhdx", &b.vhdx).unwrap_or_else(|e| panic!("{e}"));
     let mut buf = [0u8; 4096];
-    let e = d.read_at((8 << 20) - 4095, &mut buf).err().expect("out of range");
-    assert!(matches!(e, DiskError::OutOfRange { .. }) && e.to_string().contains("ok.vhdx"), "{e}");
-    d.read_at((8 << 20) - 4096, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    let e = d
+        .read_at((8 << 20) - 4095, &mut buf)
+        .expect_err("out of range");
+    assert!(
+        matches!(e, DiskError::OutOfRange { .. }) && e.to_string().contains("ok.vhdx"),
+        "{e}"
+    );
+    d.read_at((8 << 20) - 4096, &mut buf)
+        .unwrap_or_else(|e| panic!("{e}"));
 }

@@ -25,7 +25,10 @@ fn fixture() -> &'static DirtyLogFixture {
         let f = dirty_log_vhdx(&raw, 1 << 20, 42).expect("fixture");
         assert!(f.has_zero_descriptor);
         assert_eq!(f.entries, 3);
-        assert!(f.expected_raw != raw, "the log must change what the disk reads");
+        assert!(
+            f.expected_raw != raw,
+            "the log must change what the disk reads"
+        );
         f
     })
 }
@@ -39,7 +42,8 @@ fn each_chunk(d: &dyn VirtualDisk, mut f: impl FnMut(usize, &[u8])) {
     let mut off = 0;
     while off < size {
         let n = STEP.min(size - off);
-        d.read_at(off as u64, &mut buf[..n]).unwrap_or_else(|e| panic!("{e}"));
+        d.read_at(off as u64, &mut buf[..n])
+            .unwrap_or_else(|e| panic!("{e}"));
         f(off, &buf[..n]);
         off += n;
     }
@@ -56,35 +60,77 @@ fn dirty_log_is_replayed_in_memory_like_qemu_repairs_it() {
 
     // qemu refuses to open it read-only: the file really is dirty.
     let (ok, msg) = try_run("qemu-img", &["info", "-f", "vhdx", path_str(&src)]);
-    assert!(!ok && msg.contains("replay"), "qemu-img info on a dirty file: {msg}");
+    assert!(
+        !ok && msg.contains("replay"),
+        "qemu-img info on a dirty file: {msg}"
+    );
 
     let disk = open_disk(&src, tmp.path()).unwrap_or_else(|e| panic!("{e}"));
-    assert!(disk.describe().contains("dirty log replayed in memory (3 entries)"), "{}", disk.describe());
+    assert!(
+        disk.describe()
+            .contains("dirty log replayed in memory (3 entries)"),
+        "{}",
+        disk.describe()
+    );
     assert_eq!(disk.virtual_size(), f.expected_raw.len() as u64);
 
     // Oracle: qemu replays the log of a copy, then converts it to raw.
     let copy = tmp.path().join("copy.vhdx");
     std::fs::copy(&src, &copy).expect("copy");
-    let (_, out) = try_run("qemu-img", &["check", "-r", "all", "-f", "vhdx", path_str(&copy)]);
+    let (_, out) = try_run(
+        "qemu-img",
+        &["check", "-r", "all", "-f", "vhdx", path_str(&copy)],
+    );
     let repaired = tmp.path().join("repaired.raw");
-    run("qemu-img", &["convert", "-f", "vhdx", "-O", "raw", path_str(&copy), path_str(&repaired)]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "vhdx",
+            "-O",
+            "raw",
+            path_str(&copy),
+            path_str(&repaired),
+        ],
+    );
     let qemu = std::fs::File::open(&repaired).expect("repaired raw");
-    assert_eq!(qemu.metadata().expect("meta").len(), f.expected_raw.len() as u64);
+    assert_eq!(
+        qemu.metadata().expect("meta").len(),
+        f.expected_raw.len() as u64
+    );
 
     each_chunk(disk.as_ref(), |off, got| {
-        assert!(got == &f.expected_raw[off..off + got.len()], "replayed content differs from the expected bytes near {off}");
-        assert!(got == read_file_at(&qemu, off as u64, got.len()), "qemu's replay differs from ours near {off} (check said: {out})");
+        assert!(
+            got == &f.expected_raw[off..off + got.len()],
+            "replayed content differs from the expected bytes near {off}"
+        );
+        assert!(
+            got == read_file_at(&qemu, off as u64, got.len()),
+            "qemu's replay differs from ours near {off} (check said: {out})"
+        );
     });
     // Everything outside allocated_ranges is zero.
     let ranges = disk.allocated_ranges().unwrap_or_else(|e| panic!("{e}"));
     check_ranges_shape(&ranges, disk.virtual_size(), "dirty log");
     let mut pos = 0usize;
-    for (o, l) in ranges.iter().copied().chain([(f.expected_raw.len() as u64, 0)]) {
-        assert!(is_zero(&f.expected_raw[pos..o as usize]), "data outside allocated ranges before {o}");
+    for (o, l) in ranges
+        .iter()
+        .copied()
+        .chain([(f.expected_raw.len() as u64, 0)])
+    {
+        assert!(
+            is_zero(&f.expected_raw[pos..o as usize]),
+            "data outside allocated ranges before {o}"
+        );
         pos = (o + l) as usize;
     }
     drop(disk);
-    assert_eq!(fingerprint(&src), before, "the dirty source file was modified");
+    assert_eq!(
+        fingerprint(&src),
+        before,
+        "the dirty source file was modified"
+    );
 }
 
 #[test]
@@ -102,7 +148,10 @@ fn dirty_log_failures() {
     let mut b = f.file.clone();
     b[1 << 20..2 << 20].fill(0);
     let e = open("empty-log.vhdx", &b);
-    assert!(e.to_string().contains("holds no valid entry sequence"), "{e}");
+    assert!(
+        e.to_string().contains("holds no valid entry sequence"),
+        "{e}"
+    );
     // The file is shorter than the log's FlushedFileOffset.
     let e = open("short.vhdx", &f.file[..(4 << 20) + 4096]);
     assert!(matches!(e, DiskError::Truncated { .. }), "{e}");

@@ -42,14 +42,30 @@ fn seeds() -> &'static Seeds {
             absolute_win32_path: Some(r"\\?\C:\vms\p.vhdx".into()),
             volume_path: Some(r"\\?\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\p.vhdx".into()),
         });
-        let writes = vec![(4096u64, vec![5u8; 8192]), ((2 << 20) + 512, vec![6u8; 512])];
+        let writes = vec![
+            (4096u64, vec![5u8; 8192]),
+            ((2 << 20) + 512, vec![6u8; 512]),
+        ];
         let (c, _) = differencing_vhdx(Cursor::new(Vec::new()), co, &writes).expect("child");
         let dirty = dirty_log_vhdx(&raw, 1 << 20, 1).expect("dirty").file;
         let tmp = tempfile::tempdir().expect("tempdir");
         let rp = put(tmp.path(), "r.raw", &raw);
         let conv = |fmt: &str, opts: &str| {
             let out = tmp.path().join("out");
-            run("qemu-img", &["convert", "-f", "raw", "-O", fmt, "-o", opts, path_str(&rp), path_str(&out)]);
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    fmt,
+                    "-o",
+                    opts,
+                    path_str(&rp),
+                    path_str(&out),
+                ],
+            );
             std::fs::read(&out).expect("converted")
         };
         Seeds {
@@ -62,9 +78,13 @@ fn seeds() -> &'static Seeds {
     })
 }
 
+/// `cases`, or PROPTEST_CASES when set (for long local fuzzing runs).
 fn config(cases: u32) -> Config {
     Config {
-        cases,
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(cases),
         failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
         ..Config::default()
     }
@@ -89,11 +109,30 @@ fn exercise(d: &dyn VirtualDisk) {
             }
         }
     }
-    for (o, l) in [(0u64, 1u64 << 20), (size.saturating_sub(1 << 20), 1 << 20), (size / 3 + 1, 70_001), (size.saturating_sub(1), 2)] {
+    for (o, l) in [
+        (0u64, 1u64 << 20),
+        (size.saturating_sub(1 << 20), 1 << 20),
+        (size / 3 + 1, 70_001),
+        (size.saturating_sub(1), 2),
+    ] {
         let l = l.min(size.saturating_sub(o)).min(4 << 20);
         let mut b = vec![0u8; l as usize];
         let _ = d.read_at(o, &mut b);
     }
+}
+
+/// Field values that reach edge cases: extremes, powers of two, plausible
+/// BAT entries (state bits + small offsets) and huge offsets with any state.
+fn interesting_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        Just(0u64),
+        Just(u64::MAX),
+        (0u64..8, 0u64..64).prop_map(|(st, mb)| (mb << 20) | st),
+        (0u64..8).prop_map(|st| !7u64 | st),
+        (0u32..64).prop_map(|k| u64::MAX >> k),
+        (0u32..64).prop_map(|k| 1u64 << k),
+    ]
 }
 
 /// Recomputes every checksum a mutation may have broken.
@@ -117,7 +156,7 @@ fn repair_vhdx(v: &mut [u8]) {
         while o + LOG_SECTOR <= le {
             if let Ok(h) = LogEntryHeader::parse(&v[o..]) {
                 let n = h.entry_length as usize;
-                if n > 0 && n % LOG_SECTOR == 0 && o + n <= le {
+                if n > 0 && is_aligned(n as u64, LOG_SECTOR as u64) && o + n <= le {
                     store_crc32c(&mut v[o..o + n], 4);
                 }
             }
@@ -152,7 +191,12 @@ fn vhdx_target(v: &[u8], sel: u8, r: u32) -> usize {
     let meta_bat = |g: Guid| {
         RegionTable::parse(v.get(REGION_TABLE1_OFFSET as usize..).unwrap_or(&[]))
             .ok()
-            .and_then(|t| t.entries.iter().find(|e| e.guid == g).map(|e| e.file_offset as usize))
+            .and_then(|t| {
+                t.entries
+                    .iter()
+                    .find(|e| e.guid == g)
+                    .map(|e| e.file_offset as usize)
+            })
             .unwrap_or(2 << 20)
     };
     match sel % 9 {
@@ -162,14 +206,14 @@ fn vhdx_target(v: &[u8], sel: u8, r: u32) -> usize {
         3 => REGION_TABLE2_OFFSET as usize + r % 80,
         4 => meta_bat(METADATA_REGION) + r % (32 + 7 * 32),
         5 => meta_bat(METADATA_REGION) + 65536 + r % 200,
-        6 => meta_bat(BAT_REGION) + r % 4096,
+        6 => meta_bat(BAT_REGION) + r % 128,
         7 => (1 << 20) + r % (16 * LOG_SECTOR),
         _ => r % v.len().max(1),
     }
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(512))]
 
     #[test]
     fn random_bytes_never_panic(kind in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..20_000), big in 0usize..3) {
@@ -187,25 +231,32 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(384))]
+    #![proptest_config(config(2048))]
 
     #[test]
     fn mutated_vhdx_never_panics(
         which in 0u8..4,
-        muts in proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u8>(), 0u8..4), 1..8),
+        muts in proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u8>(), 0u8..5, interesting_u64()), 1..8),
         repair in any::<bool>(),
         cut in proptest::option::weighted(0.1, any::<u32>()),
     ) {
         let s = seeds();
         let mut v = match which { 0 => s.ours.clone(), 1 => s.qemu.clone(), 2 => s.child.clone(), _ => s.dirty.clone() };
-        for (sel, r, byte, how) in muts {
+        for (sel, r, byte, how, word) in muts {
             let at = vhdx_target(&v, sel, r);
             if at < v.len() {
                 match how {
                     0 => v[at] ^= 1 << (byte % 8),
                     1 => v[at] = byte,
                     2 => v[at] = 0xff,
-                    _ => v[at] = 0,
+                    3 => v[at] = 0,
+                    // A whole field (BAT entry, offset, size) replaced.
+                    _ => {
+                        let a = at & !7;
+                        if a + 8 <= v.len() {
+                            v[a..a + 8].copy_from_slice(&word.to_le_bytes());
+                        }
+                    }
                 }
             }
         }
@@ -222,16 +273,24 @@ proptest! {
 
     #[test]
     fn mutated_vhd_never_panics(
-        muts in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
+        muts in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3, any::<bool>(), interesting_u64().prop_map(|w| w as u32)), 1..6),
         repair in any::<bool>(),
     ) {
         let s = seeds();
         let mut v = s.vhd.clone();
         let n = v.len();
-        for (r, byte, area) in muts {
+        for (r, byte, area, whole, word) in muts {
             let r = r as usize;
             let at = match area { 0 => n - 512 + r % 512, 1 => 512 + r % 1024, _ => 1536 + r % 4096 };
-            v[at] = byte;
+            if whole {
+                // A whole big-endian field (BAT entry, offset, size) replaced.
+                let a = at & !3;
+                if a + 4 <= n {
+                    v[a..a + 4].copy_from_slice(&word.to_be_bytes());
+                }
+            } else {
+                v[at] = byte;
+            }
         }
         if repair {
             repair_vhd(&mut v);
@@ -245,10 +304,17 @@ proptest! {
 #[test]
 fn seeds_open_cleanly() {
     let s = seeds();
-    for (name, v) in [("ours.vhdx", &s.ours), ("qemu.vhdx", &s.qemu), ("dirty.vhdx", &s.dirty), ("d.vhd", &s.vhd)] {
+    for (name, v) in [
+        ("ours.vhdx", &s.ours),
+        ("qemu.vhdx", &s.qemu),
+        ("dirty.vhdx", &s.dirty),
+        ("d.vhd", &s.vhd),
+    ] {
         let d = open_image_bytes(name, v.clone()).unwrap_or_else(|e| panic!("{e}"));
         exercise(d.as_ref());
     }
-    let e = open_image_bytes("child.avhdx", s.child.clone()).err().expect("child needs its folder");
+    let e = open_image_bytes("child.avhdx", s.child.clone())
+        .err()
+        .expect("child needs its folder");
     assert!(e.is_unsupported(), "{e}");
 }

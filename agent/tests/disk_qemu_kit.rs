@@ -10,6 +10,7 @@ use std::path::Path;
 
 use disk_common::*;
 use tierback_agent::disk::open_disk;
+use tierback_format::vhdx::testkit::vhdx_from_reader;
 use tierback_format::vhdx::{VhdxOptions, VhdxWriter};
 
 const FORMATS: &[(&str, &str)] = &[
@@ -26,7 +27,12 @@ fn check_disk(name: &str) {
     for (suffix, desc) in FORMATS {
         let file = kit.join(format!("{name}-{suffix}"));
         let disk = open_disk(&file, kit).unwrap_or_else(|e| panic!("{e}"));
-        assert!(disk.describe().contains(desc), "{}: {}", file.display(), disk.describe());
+        assert!(
+            disk.describe().contains(desc),
+            "{}: {}",
+            file.display(),
+            disk.describe()
+        );
         assert_eq!(disk.logical_sector_size(), 512);
         assert_eq!(disk.data_write_guid().is_some(), suffix.ends_with("vhdx"));
         assert_matches_raw(disk.as_ref(), &raw, &file.display().to_string());
@@ -54,11 +60,24 @@ fn dynamic_images_report_sparse_ranges() {
     for suffix in ["dynamic.vhdx", "dyn1m.vhdx", "dynamic.vhd"] {
         let f = kit.join(format!("linux-gpt-{suffix}"));
         let d = open_disk(&f, kit).unwrap_or_else(|e| panic!("{e}"));
-        let allocated: u64 = d.allocated_ranges().unwrap_or_else(|e| panic!("{e}")).iter().map(|r| r.1).sum();
+        let allocated: u64 = d
+            .allocated_ranges()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|r| r.1)
+            .sum();
         // xfs spreads metadata over its allocation groups: 32 MiB blocks catch
         // much of it, 1 MiB / 2 MiB blocks far less.
-        let limit = if suffix == "dynamic.vhdx" { d.virtual_size() * 3 / 4 } else { d.virtual_size() / 4 };
-        assert!(allocated < limit, "{suffix}: {allocated} of {} allocated", d.virtual_size());
+        let limit = if suffix == "dynamic.vhdx" {
+            d.virtual_size() * 3 / 4
+        } else {
+            d.virtual_size() / 4
+        };
+        assert!(
+            allocated < limit,
+            "{suffix}: {allocated} of {} allocated",
+            d.virtual_size()
+        );
     }
 }
 
@@ -67,7 +86,8 @@ fn concurrent_unaligned_reads_match_the_raw() {
     let kit = kit();
     let raw = File::open(kit.join("win-gpt.raw")).expect("raw");
     for suffix in ["dyn1m.vhdx", "dynamic.vhd", "fixed.vhdx"] {
-        let disk = open_disk(&kit.join(format!("win-gpt-{suffix}")), kit).unwrap_or_else(|e| panic!("{e}"));
+        let disk = open_disk(&kit.join(format!("win-gpt-{suffix}")), kit)
+            .unwrap_or_else(|e| panic!("{e}"));
         let size = disk.virtual_size();
         std::thread::scope(|s| {
             for t in 0..4u64 {
@@ -81,14 +101,21 @@ fn concurrent_unaligned_reads_match_the_raw() {
                         let len = (x % (3 << 20)) as usize + 1;
                         let off = (x >> 20) % (size - len as u64);
                         let mut got = vec![0u8; len];
-                        disk.read_at(off, &mut got).unwrap_or_else(|e| panic!("{e}"));
-                        assert!(got == read_file_at(raw, off, len), "{suffix}: {len} bytes at {off}");
+                        disk.read_at(off, &mut got)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        assert!(
+                            got == read_file_at(raw, off, len),
+                            "{suffix}: {len} bytes at {off}"
+                        );
                     }
                 });
             }
         });
         let mut b = [0u8; 2];
-        assert!(disk.read_at(size - 1, &mut b).is_err(), "read past the end must fail");
+        assert!(
+            disk.read_at(size - 1, &mut b).is_err(),
+            "read past the end must fail"
+        );
         assert!(disk.read_at(u64::MAX, &mut b).is_err());
     }
 }
@@ -108,13 +135,24 @@ fn write_vhdx(raw: &Path, out: &Path, opts: VhdxOptions) {
 fn writer_output_passes_qemu_check_and_compare() {
     let kit = kit();
     let tmp = tempfile::tempdir().expect("tempdir");
-    for (name, block, phys) in [("linux-gpt", 32u32 << 20, 4096u32), ("win-gpt", 1 << 20, 512), ("win-mbr", 256 << 20, 4096)] {
+    for (name, block, phys) in [
+        ("linux-gpt", 32u32 << 20, 4096u32),
+        ("win-gpt", 1 << 20, 512),
+        ("win-mbr", 256 << 20, 4096),
+    ] {
         let raw = kit.join(format!("{name}.raw"));
         let out = tmp.path().join(format!("{name}-tierback.vhdx"));
         let mut opts = VhdxOptions::new(std::fs::metadata(&raw).expect("raw").len());
         opts.block_size = block;
         opts.physical_sector_size = phys;
-        write_vhdx(&raw, &out, opts);
+        if name == "win-mbr" {
+            // The test kit's streaming converter.
+            let f = File::create(&out).expect("create");
+            let r = File::open(&raw).expect("raw");
+            vhdx_from_reader(BufWriter::new(f), r, opts).expect("convert");
+        } else {
+            write_vhdx(&raw, &out, opts);
+        }
         qemu_check("vhdx", &out);
         qemu_compare(&raw, "vhdx", &out);
         let disk = open_disk(&out, tmp.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -123,7 +161,10 @@ fn writer_output_passes_qemu_check_and_compare() {
         // Sparse: the ext4/xfs disk is mostly empty.
         if name == "linux-gpt" {
             let len = std::fs::metadata(&out).expect("out").len();
-            assert!(len < 300 << 20, "writer output of {len} bytes is not sparse");
+            assert!(
+                len < 300 << 20,
+                "writer output of {len} bytes is not sparse"
+            );
         }
     }
 }
@@ -140,7 +181,8 @@ fn source_files_unchanged_by_open_and_full_read() {
         let mut off = 0;
         while off < disk.virtual_size() {
             let n = (disk.virtual_size() - off).min(buf.len() as u64) as usize;
-            disk.read_at(off, &mut buf[..n]).unwrap_or_else(|e| panic!("{e}"));
+            disk.read_at(off, &mut buf[..n])
+                .unwrap_or_else(|e| panic!("{e}"));
             off += n as u64;
         }
         disk.allocated_ranges().unwrap_or_else(|e| panic!("{e}"));

@@ -28,10 +28,19 @@ fn odd_sizes_block_sizes_and_write_orders_pass_qemu() {
         let raw_path = put(tmp.path(), &format!("case{i}.raw"), &raw);
         let out = tmp.path().join(format!("case{i}.vhdx"));
         let mut opts = VhdxOptions::new(size as u64);
-        (opts.block_size, opts.logical_sector_size, opts.physical_sector_size) = (block, lss, pss);
-        let mut w = VhdxWriter::create(BufWriter::new(File::create(&out).expect("create")), opts).expect("writer");
+        (
+            opts.block_size,
+            opts.logical_sector_size,
+            opts.physical_sector_size,
+        ) = (block, lss, pss);
+        let mut w = VhdxWriter::create(BufWriter::new(File::create(&out).expect("create")), opts)
+            .expect("writer");
         let piece = 3 * 65536 + 512;
-        let mut pieces: Vec<(usize, &[u8])> = raw.chunks(piece).enumerate().map(|(k, c)| (k * piece, c)).collect();
+        let mut pieces: Vec<(usize, &[u8])> = raw
+            .chunks(piece)
+            .enumerate()
+            .map(|(k, c)| (k * piece, c))
+            .collect();
         match order {
             "backward" => pieces.reverse(),
             "scattered" => pieces.sort_by_key(|(o, _)| (o * 7919) % 1031),
@@ -50,7 +59,10 @@ fn odd_sizes_block_sizes_and_write_orders_pass_qemu() {
         qemu_check("vhdx", &out);
         qemu_compare(&raw_path, "vhdx", &out);
         let info = run("qemu-img", &["info", "--output=json", path_str(&out)]);
-        assert!(info.contains(&format!("\"virtual-size\": {size}")), "{info}");
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "{info}"
+        );
         let disk = open_disk(&out, tmp.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_matches_bytes(disk.as_ref(), &raw, &format!("case {i}"));
     }
@@ -61,7 +73,11 @@ fn all_zero_disk_stays_empty() {
     require_tool("qemu-img", "qemu-utils");
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("zero.vhdx");
-    let mut w = VhdxWriter::create(File::create(&out).expect("create"), VhdxOptions::new(64 << 20)).expect("writer");
+    let mut w = VhdxWriter::create(
+        File::create(&out).expect("create"),
+        VhdxOptions::new(64 << 20),
+    )
+    .expect("writer");
     w.write_at(0, &vec![0u8; 64 << 20]).expect("write");
     w.finish().expect("finish");
     qemu_check("vhdx", &out);
@@ -74,7 +90,8 @@ fn all_zero_disk_stays_empty() {
 #[test]
 fn guids_can_be_set_and_are_written() {
     let g = Guid::random();
-    let mut w = VhdxWriter::create(Cursor::new(Vec::new()), VhdxOptions::new(4 << 20)).expect("writer");
+    let mut w =
+        VhdxWriter::create(Cursor::new(Vec::new()), VhdxOptions::new(4 << 20)).expect("writer");
     assert_ne!(w.data_write_guid(), Guid::ZERO);
     w.set_data_write_guid(g);
     assert_eq!(w.data_write_guid(), g);
@@ -91,7 +108,10 @@ fn writer_rejects_bad_options_and_writes() {
     let bad = |f: fn(&mut VhdxOptions)| {
         let mut o = VhdxOptions::new(8 << 20);
         f(&mut o);
-        matches!(VhdxWriter::create(Cursor::new(Vec::new()), o), Err(VhdxError::InvalidOptions(_)))
+        matches!(
+            VhdxWriter::create(Cursor::new(Vec::new()), o),
+            Err(VhdxError::InvalidOptions(_))
+        )
     };
     assert!(bad(|o| o.block_size = 3 << 20));
     assert!(bad(|o| o.block_size = 512 << 10));
@@ -101,13 +121,29 @@ fn writer_rejects_bad_options_and_writes() {
     assert!(bad(|o| o.virtual_size = 0));
     assert!(bad(|o| o.virtual_size = (8 << 20) + 1));
     assert!(bad(|o| o.virtual_size = (64 << 40) + 4096));
-    let mut w = VhdxWriter::create(Cursor::new(Vec::new()), VhdxOptions::new(8 << 20)).expect("writer");
-    assert!(matches!(w.write_at(1, &[0u8; 512]), Err(VhdxError::Unaligned { .. })));
-    assert!(matches!(w.write_at(0, &[0u8; 100]), Err(VhdxError::Unaligned { .. })));
-    assert!(matches!(w.write_at(8 << 20, &[0u8; 512]), Err(VhdxError::OutOfRange { .. })));
-    assert!(matches!(w.write_at(u64::MAX - 511, &[0u8; 512]), Err(VhdxError::OutOfRange { .. })));
+    let mut w =
+        VhdxWriter::create(Cursor::new(Vec::new()), VhdxOptions::new(8 << 20)).expect("writer");
+    assert!(matches!(
+        w.write_at(1, &[0u8; 512]),
+        Err(VhdxError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        w.write_at(0, &[0u8; 100]),
+        Err(VhdxError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        w.write_at(8 << 20, &[0u8; 512]),
+        Err(VhdxError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        w.write_at(u64::MAX - 511, &[0u8; 512]),
+        Err(VhdxError::OutOfRange { .. })
+    ));
     let mut o = VhdxOptions::new(8 << 20);
     o.logical_sector_size = 4096;
     let mut w = VhdxWriter::create(Cursor::new(Vec::new()), o).expect("writer");
-    assert!(matches!(w.write_at(512, &[1u8; 4096]), Err(VhdxError::Unaligned { .. })));
+    assert!(matches!(
+        w.write_at(512, &[1u8; 4096]),
+        Err(VhdxError::Unaligned { .. })
+    ));
 }

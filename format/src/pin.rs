@@ -30,7 +30,10 @@ pub fn fingerprint(cert_der: &[u8]) -> String {
 
 /// Parses a fingerprint given by a user: hex, optional colons, any case.
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], PinError> {
-    let clean: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    let clean: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect();
     let mut out = [0u8; 32];
     hex::decode_to_slice(clean.to_ascii_lowercase(), &mut out)
         .map_err(|_| PinError::BadFingerprint(s.to_string()))?;
@@ -46,7 +49,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn pinned_client_config(fingerprint_text: &str) -> Result<rustls::ClientConfig, PinError> {
     let pin = parse_fingerprint(fingerprint_text)?;
     let provider = provider();
-    let verifier = Arc::new(PinnedVerifier { pin, provider: provider.clone() });
+    let verifier = Arc::new(PinnedVerifier {
+        pin,
+        provider: provider.clone(),
+    });
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -110,7 +116,9 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -128,7 +136,10 @@ mod tests {
             .map(|c| std::str::from_utf8(c).unwrap_or("").to_ascii_uppercase())
             .collect::<Vec<_>>()
             .join(":");
-        assert_eq!(parse_fingerprint(&with_colons).expect("parse"), parse_fingerprint(&fp).expect("parse"));
+        assert_eq!(
+            parse_fingerprint(&with_colons).expect("parse"),
+            parse_fingerprint(&fp).expect("parse")
+        );
         assert!(parse_fingerprint("abcd").is_err());
         assert!(pinned_client_config("zz").is_err());
         assert!(pinned_client_config(&fp).is_ok());

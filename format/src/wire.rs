@@ -420,7 +420,7 @@ pub fn encode_stream_index(entries: &[(u64, ChunkHash)]) -> Vec<u8> {
 
 /// Decodes a stream index upload.
 pub fn decode_stream_index(body: &[u8]) -> Result<Vec<(u64, ChunkHash)>, FrameError> {
-    if body.len() % 40 != 0 {
+    if !body.len().is_multiple_of(40) {
         return Err(FrameError::Truncated("index"));
     }
     Ok(body
@@ -457,7 +457,10 @@ mod tests {
         );
         let mut huge = vec![0u8; 32];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(parse_chunk_records(&huge), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            parse_chunk_records(&huge),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

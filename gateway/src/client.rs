@@ -42,7 +42,11 @@ impl AdminClient {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .context("building the HTTPS client")?;
-        Ok(Self { http, base: url.trim_end_matches('/').to_string(), token: token.to_string() })
+        Ok(Self {
+            http,
+            base: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -50,7 +54,11 @@ impl AdminClient {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| transport_error(&self.base, e))?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| transport_error(&self.base, e))?;
         check(resp).await
     }
 
@@ -59,7 +67,11 @@ impl AdminClient {
         r.json().await.context("decoding the gateway's answer")
     }
 
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let r = self.send(self.http.post(self.url(path)).json(body)).await?;
         r.json().await.context("decoding the gateway's answer")
     }
@@ -77,7 +89,9 @@ pub async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response>
     }
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let msg = serde_json::from_str::<ApiErrorBody>(&text).map(|b| b.message).unwrap_or(text);
+    let msg = serde_json::from_str::<ApiErrorBody>(&text)
+        .map(|b| b.message)
+        .unwrap_or(text);
     if status == reqwest::StatusCode::UNAUTHORIZED {
         anyhow::bail!("the gateway refused the credential ({msg}): check the admin token");
     }
@@ -91,5 +105,7 @@ pub fn transport_error(base: &str, e: reqwest::Error) -> anyhow::Error {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    anyhow::anyhow!("cannot reach the gateway at {base}: {cause} (is `tierback-gateway serve` running?)")
+    anyhow::anyhow!(
+        "cannot reach the gateway at {base}: {cause} (is `tierback-gateway serve` running?)"
+    )
 }

@@ -50,7 +50,8 @@ impl GatewayConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let cs = self.chunk_size;
         if !cs.is_power_of_two()
-            || !(tierback_format::wire::MIN_CHUNK_SIZE..=tierback_format::wire::MAX_CHUNK_SIZE).contains(&cs)
+            || !(tierback_format::wire::MIN_CHUNK_SIZE..=tierback_format::wire::MAX_CHUNK_SIZE)
+                .contains(&cs)
         {
             anyhow::bail!("chunk_size {cs} must be a power of two between 256 KiB and 8 MiB");
         }
@@ -60,9 +61,12 @@ impl GatewayConfig {
         if !(-7..=22).contains(&self.zstd_level) {
             anyhow::bail!("zstd_level must be between -7 and 22");
         }
-        self.listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|_| anyhow::anyhow!("listen {:?} is not an address like 127.0.0.1:8443", self.listen))?;
+        self.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            anyhow::anyhow!(
+                "listen {:?} is not an address like 127.0.0.1:8443",
+                self.listen
+            )
+        })?;
         Ok(())
     }
 }
@@ -75,7 +79,9 @@ pub struct DataDir {
 
 impl DataDir {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
     pub fn config(&self) -> PathBuf {
         self.root.join(CONFIG_FILE)
@@ -119,9 +125,10 @@ impl DataDir {
                 anyhow::anyhow!("reading {}: {e}", path.display())
             }
         })?;
-        let cfg: GatewayConfig =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cfg: GatewayConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
 
@@ -166,10 +173,22 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_bad_values_are_named() {
-        GatewayConfig::default().validate().expect("defaults are valid");
-        let bad = GatewayConfig { chunk_size: 3 << 20, ..Default::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("chunk_size"));
-        let bad = GatewayConfig { listen: "nowhere".into(), ..Default::default() };
+        GatewayConfig::default()
+            .validate()
+            .expect("defaults are valid");
+        let bad = GatewayConfig {
+            chunk_size: 3 << 20,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("chunk_size"));
+        let bad = GatewayConfig {
+            listen: "nowhere".into(),
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("listen"));
     }
 

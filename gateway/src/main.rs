@@ -55,7 +55,9 @@ impl Conn {
                 self.token.as_deref().unwrap_or_default(),
                 self.fingerprint.as_deref().unwrap_or_default(),
             ),
-            (None, None) => anyhow::bail!("say which gateway: --data-dir D, or --url URL --token T --fingerprint FP"),
+            (None, None) => anyhow::bail!(
+                "say which gateway: --data-dir D, or --url URL --token T --fingerprint FP"
+            ),
         }
     }
 }
@@ -160,7 +162,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -205,8 +210,14 @@ fn no_cloud(tier: TierArg) -> anyhow::Result<()> {
 
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Init { data_dir, passphrase_file, listen, json } => {
-            let r = tierback_gateway::setup::init(&data_dir, passphrase_file.as_deref(), &listen).await?;
+        Cmd::Init {
+            data_dir,
+            passphrase_file,
+            listen,
+            json,
+        } => {
+            let r = tierback_gateway::setup::init(&data_dir, passphrase_file.as_deref(), &listen)
+                .await?;
             if json {
                 print_json(&r)?;
             } else {
@@ -215,7 +226,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 println!("Certificate SHA-256:   {}", r.fingerprint);
                 println!("Admin token file:      {}", r.admin_token_file);
                 if r.generated_passphrase {
-                    println!("Passphrase:            generated into {} (mode 0600)", r.passphrase_file);
+                    println!(
+                        "Passphrase:            generated into {} (mode 0600)",
+                        r.passphrase_file
+                    );
                 } else {
                     println!("Passphrase file:       {}", r.passphrase_file);
                 }
@@ -228,7 +242,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Serve { data_dir } => tierback_gateway::server::serve(&data_dir).await?,
         Cmd::EnrollToken { conn } => {
-            let r: EnrollTokenResponse = conn.client()?.post_json("/v1/admin/enroll-tokens", &serde_json::json!({})).await?;
+            let r: EnrollTokenResponse = conn
+                .client()?
+                .post_json("/v1/admin/enroll-tokens", &serde_json::json!({}))
+                .await?;
             if conn.json {
                 print_json(&r)?;
             } else {
@@ -243,7 +260,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             } else if vms.is_empty() {
                 println!("no VMs yet: enrol an agent and run a backup");
             } else {
-                println!("{:<38} {:<20} {:<16} {:<8} {:>6}  last point", "ID", "NAME", "HOST", "STATE", "POINTS");
+                println!(
+                    "{:<38} {:<20} {:<16} {:<8} {:>6}  last point",
+                    "ID", "NAME", "HOST", "STATE", "POINTS"
+                );
                 for v in vms {
                     println!(
                         "{:<38} {:<20} {:<16} {:<8} {:>6}  {}",
@@ -255,7 +275,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                         v.last_point.unwrap_or_else(|| "-".into())
                     );
                     for d in v.disks {
-                        println!("    disk {}: {} ({}, {})", d.index, d.path, human_bytes(d.virtual_size), d.format);
+                        println!(
+                            "    disk {}: {} ({}, {})",
+                            d.index,
+                            d.path,
+                            human_bytes(d.virtual_size),
+                            d.format
+                        );
                     }
                 }
             }
@@ -271,7 +297,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             } else if pts.is_empty() {
                 println!("no recovery points");
             } else {
-                println!("{:<32} {:<16} {:<20} {:<11} {:<6} {:>10} {:>10}", "ID", "VM", "TIME", "KIND", "TIERS", "LOGICAL", "STORED");
+                println!(
+                    "{:<32} {:<16} {:<20} {:<11} {:<6} {:>10} {:>10}",
+                    "ID", "VM", "TIME", "KIND", "TIERS", "LOGICAL", "STORED"
+                );
                 for p in pts {
                     println!(
                         "{:<32} {:<16} {:<20} {:<11} {:<6} {:>10} {:>10}",
@@ -286,7 +315,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::RestoreDisk { conn, point, disk, format, out, from } => {
+        Cmd::RestoreDisk {
+            conn,
+            point,
+            disk,
+            format,
+            out,
+            from,
+        } => {
             no_cloud(from)?;
             let fmt = match format {
                 FormatArg::Raw => DiskFormat::Raw,
@@ -296,14 +332,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let st = restore::restore_disk(&conn.client()?, &point, disk, fmt, &out, true).await?;
             report_restore(&conn, &st, &out)?;
         }
-        Cmd::RestoreVm { conn, point, to, from } => {
+        Cmd::RestoreVm {
+            conn,
+            point,
+            to,
+            from,
+        } => {
             no_cloud(from)?;
             let st = restore::restore_vm(&conn.client()?, &point, &to, true).await?;
             report_restore(&conn, &st, &to)?;
         }
         Cmd::Verify { conn, point, tier } => {
             no_cloud(tier)?;
-            let r: VerifyResponse = conn.client()?.post_json("/v1/admin/verify", &VerifyRequest { point }).await?;
+            let r: VerifyResponse = conn
+                .client()?
+                .post_json("/v1/admin/verify", &VerifyRequest { point })
+                .await?;
             let bad = !r.damaged.is_empty() || !r.damaged_indexes.is_empty();
             if conn.json {
                 print_json(&r)?;
@@ -345,7 +389,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             if conn.json {
                 print_json(&jobs)?;
             } else {
-                println!("{:<22} {:<8} {:<16} {:<10} {:<20} message", "ID", "KIND", "VM", "STATE", "STARTED");
+                println!(
+                    "{:<22} {:<8} {:<16} {:<10} {:<20} message",
+                    "ID", "KIND", "VM", "STATE", "STARTED"
+                );
                 for j in jobs {
                     println!(
                         "{:<22} {:<8} {:<16} {:<10} {:<20} {}",
@@ -365,9 +412,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 
 fn check_out_file(out: &Path) -> anyhow::Result<()> {
     if out.exists() {
-        anyhow::bail!("{} already exists; choose another --out (restores never overwrite)", out.display());
+        anyhow::bail!(
+            "{} already exists; choose another --out (restores never overwrite)",
+            out.display()
+        );
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
         anyhow::bail!("the folder {} does not exist", parent.display());
     }
@@ -400,7 +453,9 @@ fn report_restore(conn: &Conn, st: &restore::RestoreStats, out: &Path) -> anyhow
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -22,15 +22,18 @@ pub fn unlock(dd: &DataDir, cfg: &GatewayConfig) -> anyhow::Result<Keys> {
     let pass = read_passphrase(&pf)?;
     let kf_path = dd.keys();
     let text = std::fs::read(&kf_path).with_context(|| format!("reading {}", kf_path.display()))?;
-    let kf: tierback_format::keyfile::KeyFile =
-        serde_json::from_slice(&text).with_context(|| format!("{} is not a Tierback key file", kf_path.display()))?;
-    let master = kf.unlock(&pass).map_err(|e| anyhow::anyhow!("{e} (passphrase from {})", pf.display()))?;
+    let kf: tierback_format::keyfile::KeyFile = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a Tierback key file", kf_path.display()))?;
+    let master = kf
+        .unlock(&pass)
+        .map_err(|e| anyhow::anyhow!("{e} (passphrase from {})", pf.display()))?;
     Ok(Keys::derive(&master))
 }
 
 /// A passphrase file's contents without the trailing newline.
 pub fn read_passphrase(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut pass = std::fs::read(path).with_context(|| format!("reading passphrase file {}", path.display()))?;
+    let mut pass = std::fs::read(path)
+        .with_context(|| format!("reading passphrase file {}", path.display()))?;
     while matches!(pass.last(), Some(b'\n' | b'\r')) {
         pass.pop();
     }
@@ -44,16 +47,24 @@ pub fn read_passphrase(path: &Path) -> anyhow::Result<Vec<u8>> {
 pub async fn open_state(dd: &DataDir) -> anyhow::Result<Arc<AppState>> {
     let cfg = dd.load_config()?;
     let keys = unlock(dd, &cfg)?;
-    let catalog = Catalog::open(&dd.catalog()).await.context("opening the catalog")?;
+    let catalog = Catalog::open(&dd.catalog())
+        .await
+        .context("opening the catalog")?;
     let abandoned = catalog.abandon_running_jobs().await?;
     if abandoned > 0 {
-        tracing::warn!(jobs = abandoned, "jobs of a previous run were abandoned; their data is left for GC");
+        tracing::warn!(
+            jobs = abandoned,
+            "jobs of a previous run were abandoned; their data is left for GC"
+        );
     }
     let store = ChunkStore::open(
         &dd.root,
         keys,
         catalog.clone(),
-        StoreConfig { pack_target_size: cfg.pack_target_size, zstd_level: cfg.zstd_level },
+        StoreConfig {
+            pack_target_size: cfg.pack_target_size,
+            zstd_level: cfg.zstd_level,
+        },
     )
     .await
     .context("opening the local chunk store")?;
@@ -88,7 +99,15 @@ pub async fn run(
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
                 }
                 for job in state.sessions.reap(idle) {
-                    let _ = state.catalog.finish_job(&job, "failed", "the agent stopped sending; session expired", None).await;
+                    let _ = state
+                        .catalog
+                        .finish_job(
+                            &job,
+                            "failed",
+                            "the agent stopped sending; session expired",
+                            None,
+                        )
+                        .await;
                 }
             }
         })
@@ -135,7 +154,11 @@ pub async fn run(
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(15), conns.wait()).await;
     reaper.abort();
-    state.store.flush().await.context("sealing the open pack at shutdown")?;
+    state
+        .store
+        .flush()
+        .await
+        .context("sealing the open pack at shutdown")?;
     state.catalog.close().await;
     Ok(())
 }
@@ -150,8 +173,12 @@ pub async fn serve(data_dir: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", state.cfg.listen))?;
     let addr = listener.local_addr()?;
-    write_file_durably(&dd.root.join("serve.addr"), addr.to_string().as_bytes(), false)
-        .context("recording the listen address")?;
+    write_file_durably(
+        &dd.root.join("serve.addr"),
+        addr.to_string().as_bytes(),
+        false,
+    )
+    .context("recording the listen address")?;
     tracing::info!(%addr, "gateway listening (HTTPS)");
     eprintln!("tierback-gateway listening on https://{addr}");
     let shutdown = CancellationToken::new();

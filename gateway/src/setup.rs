@@ -23,7 +23,11 @@ pub struct InitReport {
     pub admin_token_file: String,
 }
 
-pub async fn init(data_dir: &Path, passphrase_file: Option<&Path>, listen: &str) -> anyhow::Result<InitReport> {
+pub async fn init(
+    data_dir: &Path,
+    passphrase_file: Option<&Path>,
+    listen: &str,
+) -> anyhow::Result<InitReport> {
     let dd = DataDir::new(data_dir);
     if dd.is_initialised() {
         anyhow::bail!(
@@ -31,8 +35,15 @@ pub async fn init(data_dir: &Path, passphrase_file: Option<&Path>, listen: &str)
             data_dir.display()
         );
     }
-    if data_dir.exists() && std::fs::read_dir(data_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        anyhow::bail!("{} exists and is not empty; init needs a new or empty directory", data_dir.display());
+    if data_dir.exists()
+        && std::fs::read_dir(data_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        anyhow::bail!(
+            "{} exists and is not empty; init needs a new or empty directory",
+            data_dir.display()
+        );
     }
     let cfg = GatewayConfig {
         listen: listen.to_string(),
@@ -44,13 +55,15 @@ pub async fn init(data_dir: &Path, passphrase_file: Option<&Path>, listen: &str)
         Some(p) => crate::server::read_passphrase(p)?,
         None => Vec::new(),
     };
-    std::fs::create_dir_all(dd.tls_dir()).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(dd.tls_dir())
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     set_mode(data_dir, 0o700)?;
 
     let generated = pass.is_empty();
     let pass = if generated {
         let p = random_secret();
-        write_file_durably(&dd.passphrase(), p.as_bytes(), true).context("writing the generated passphrase")?;
+        write_file_durably(&dd.passphrase(), p.as_bytes(), true)
+            .context("writing the generated passphrase")?;
         p.into_bytes()
     } else {
         pass
@@ -61,12 +74,18 @@ pub async fn init(data_dir: &Path, passphrase_file: Option<&Path>, listen: &str)
 
     let host = listen.rsplit_once(':').map(|(h, _)| h).unwrap_or(listen);
     let id = crate::tls::generate(host)?;
-    write_file_durably(&dd.tls_key(), id.key_pem.as_bytes(), true).context("writing the TLS key")?;
-    write_file_durably(&dd.tls_cert(), id.cert_pem.as_bytes(), false).context("writing the TLS certificate")?;
+    write_file_durably(&dd.tls_key(), id.key_pem.as_bytes(), true)
+        .context("writing the TLS key")?;
+    write_file_durably(&dd.tls_cert(), id.cert_pem.as_bytes(), false)
+        .context("writing the TLS certificate")?;
 
     let token = format!("{ADMIN_TOKEN_PREFIX}{}", random_secret());
-    let catalog = Catalog::open(&dd.catalog()).await.context("creating the catalog")?;
-    catalog.add_admin_token(&secret_hash(&token), "local").await?;
+    let catalog = Catalog::open(&dd.catalog())
+        .await
+        .context("creating the catalog")?;
+    catalog
+        .add_admin_token(&secret_hash(&token), "local")
+        .await?;
     catalog.close().await;
     write_file_durably(&dd.admin_token(), token.as_bytes(), true).context("writing admin.token")?;
 
@@ -85,10 +104,15 @@ pub async fn init(data_dir: &Path, passphrase_file: Option<&Path>, listen: &str)
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", p.display()))
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", p.display()))
 }

@@ -18,12 +18,18 @@ pub struct Identity {
 /// listen host.
 pub fn generate(listen_host: &str) -> anyhow::Result<Identity> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    if !names.iter().any(|n| n == listen_host) && !listen_host.is_empty() && listen_host != "0.0.0.0" {
+    if !names.iter().any(|n| n == listen_host)
+        && !listen_host.is_empty()
+        && listen_host != "0.0.0.0"
+    {
         names.push(listen_host.to_string());
     }
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating TLS key")?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("generating TLS key")?;
     let mut params = rcgen::CertificateParams::new(names).context("certificate names")?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "Tierback gateway");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Tierback gateway");
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let cert = params.self_signed(&key).context("signing certificate")?;
@@ -45,13 +51,19 @@ fn read_cert(path: &Path) -> anyhow::Result<CertificateDer<'static>> {
 
 /// SHA-256 fingerprint of the certificate in a PEM file.
 pub fn fingerprint_of(cert_path: &Path) -> anyhow::Result<String> {
-    Ok(tierback_format::pin::fingerprint(read_cert(cert_path)?.as_ref()))
+    Ok(tierback_format::pin::fingerprint(
+        read_cert(cert_path)?.as_ref(),
+    ))
 }
 
 /// Server configuration from the data dir's PEM files.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let cert = read_cert(cert_path)?;
-    let key_pem = std::fs::read(key_path).with_context(|| format!("reading {}", key_path.display()))?;
+    let key_pem =
+        std::fs::read(key_path).with_context(|| format!("reading {}", key_path.display()))?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("parsing {}", key_path.display()))?
         .with_context(|| format!("{} holds no private key", key_path.display()))?;

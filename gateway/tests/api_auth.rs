@@ -19,16 +19,37 @@ struct TestGateway {
 async fn start() -> TestGateway {
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("gw");
-    let rep = tierback_gateway::setup::init(&data, None, "127.0.0.1:0").await.expect("init");
+    let rep = tierback_gateway::setup::init(&data, None, "127.0.0.1:0")
+        .await
+        .expect("init");
     let dd = DataDir::new(&data);
-    let state = tierback_gateway::server::open_state(&dd).await.expect("state");
+    let state = tierback_gateway::server::open_state(&dd)
+        .await
+        .expect("state");
     let tls = tierback_gateway::tls::server_config(&dd.tls_cert(), &dd.tls_key()).expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("https://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tierback_gateway::server::run(listener, state, tls, shutdown.clone()));
-    let admin = std::fs::read_to_string(dd.admin_token()).expect("token").trim().to_string();
-    TestGateway { _dir: dir, url, admin, fingerprint: rep.fingerprint, shutdown, task }
+    let task = tokio::spawn(tierback_gateway::server::run(
+        listener,
+        state,
+        tls,
+        shutdown.clone(),
+    ));
+    let admin = std::fs::read_to_string(dd.admin_token())
+        .expect("token")
+        .trim()
+        .to_string();
+    TestGateway {
+        _dir: dir,
+        url,
+        admin,
+        fingerprint: rep.fingerprint,
+        shutdown,
+        task,
+    }
 }
 
 fn http(fp: &str) -> reqwest::Client {
@@ -52,8 +73,17 @@ async fn every_route_needs_the_right_credential() {
     let u = |p: &str| format!("{}{p}", g.url);
 
     // No credential, garbage, wrong prefix: 401 with a body that says nothing.
-    for auth in [None, Some("garbage"), Some("tba1.agent-x.deadbeef"), Some("tbadm1.00")] {
-        for (m, p) in [("GET", "/v1/admin/points"), ("POST", "/v1/agent/backups"), ("GET", "/v1/admin/vms")] {
+    for auth in [
+        None,
+        Some("garbage"),
+        Some("tba1.agent-x.deadbeef"),
+        Some("tbadm1.00"),
+    ] {
+        for (m, p) in [
+            ("GET", "/v1/admin/points"),
+            ("POST", "/v1/agent/backups"),
+            ("GET", "/v1/admin/vms"),
+        ] {
             let mut r = c.request(m.parse().expect("method"), u(p));
             if let Some(a) = auth {
                 r = r.bearer_auth(a);
@@ -68,7 +98,12 @@ async fn every_route_needs_the_right_credential() {
     // Admin works on admin routes, is forbidden on agent routes.
     let (s, _) = status(c.get(u("/v1/admin/points")).bearer_auth(&g.admin)).await;
     assert_eq!(s, 200);
-    let (s, _) = status(c.post(u("/v1/agent/inventory")).bearer_auth(&g.admin).json(&serde_json::json!({"vms": []}))).await;
+    let (s, _) = status(
+        c.post(u("/v1/agent/inventory"))
+            .bearer_auth(&g.admin)
+            .json(&serde_json::json!({"vms": []})),
+    )
+    .await;
     assert_eq!(s, 403);
 
     // Enrol two agents.
@@ -85,7 +120,10 @@ async fn every_route_needs_the_right_credential() {
             .expect("json");
         let r: EnrollResponse = c
             .post(u("/v1/enroll"))
-            .json(&EnrollRequest { token: tok.token.clone(), host_name: host.into() })
+            .json(&EnrollRequest {
+                token: tok.token.clone(),
+                host_name: host.into(),
+            })
             .send()
             .await
             .expect("send")
@@ -93,7 +131,11 @@ async fn every_route_needs_the_right_credential() {
             .await
             .expect("json");
         // The token is spent.
-        let (s, _) = status(c.post(u("/v1/enroll")).json(&EnrollRequest { token: tok.token, host_name: "x".into() })).await;
+        let (s, _) = status(c.post(u("/v1/enroll")).json(&EnrollRequest {
+            token: tok.token,
+            host_name: "x".into(),
+        }))
+        .await;
         assert_eq!(s, 401);
         creds.push(r.credential);
     }
@@ -130,7 +172,11 @@ async fn every_route_needs_the_right_credential() {
     let begin: BeginBackupResponse = c
         .post(u("/v1/agent/backups"))
         .bearer_auth(&creds[0])
-        .json(&BeginBackupRequest { vm: vm.clone(), streams: vec![stream.clone()], full: true })
+        .json(&BeginBackupRequest {
+            vm: vm.clone(),
+            streams: vec![stream.clone()],
+            full: true,
+        })
         .send()
         .await
         .expect("send")
@@ -138,47 +184,103 @@ async fn every_route_needs_the_right_credential() {
         .await
         .expect("json");
     let lack = u(&format!("/v1/agent/backups/{}/lack", begin.session_id));
-    let (s, _) = status(c.post(&lack).bearer_auth(&creds[1]).json(&LackRequest { hashes: vec![] })).await;
+    let (s, _) = status(
+        c.post(&lack)
+            .bearer_auth(&creds[1])
+            .json(&LackRequest { hashes: vec![] }),
+    )
+    .await;
     assert_eq!(s, 404, "another agent's session must look missing");
-    let (s, _) = status(c.post(&lack).bearer_auth(&creds[0]).json(&LackRequest { hashes: vec![] })).await;
+    let (s, _) = status(
+        c.post(&lack)
+            .bearer_auth(&creds[0])
+            .json(&LackRequest { hashes: vec![] }),
+    )
+    .await;
     assert_eq!(s, 200);
 
     // Hostile bodies: a chunk whose hash lies, a truncated record, a path escaping the VM folder.
     let chunks = u(&format!("/v1/agent/backups/{}/chunks", begin.session_id));
     let mut body = Vec::new();
-    put_chunk_record(&mut body, &tierback_format::ids::ChunkHash([7; 32]), b"not the hash");
+    put_chunk_record(
+        &mut body,
+        &tierback_format::ids::ChunkHash([7; 32]),
+        b"not the hash",
+    );
     let (s, b) = status(c.post(&chunks).bearer_auth(&creds[0]).body(body.clone())).await;
     assert_eq!(s, 400, "{b}");
-    let (s, _) = status(c.post(&chunks).bearer_auth(&creds[0]).body(body[..40].to_vec())).await;
-    assert_eq!(s, 400);
-    let evil = StreamSpec { path: "../../etc/passwd".into(), ..stream };
     let (s, _) = status(
-        c.post(u("/v1/agent/backups"))
+        c.post(&chunks)
             .bearer_auth(&creds[0])
-            .json(&BeginBackupRequest { vm, streams: vec![evil], full: true }),
+            .body(body[..40].to_vec()),
     )
     .await;
     assert_eq!(s, 400);
+    let evil = StreamSpec {
+        path: "../../etc/passwd".into(),
+        ..stream
+    };
+    let (s, _) = status(c.post(u("/v1/agent/backups")).bearer_auth(&creds[0]).json(
+        &BeginBackupRequest {
+            vm,
+            streams: vec![evil],
+            full: true,
+        },
+    ))
+    .await;
+    assert_eq!(s, 400);
     // Commit of an index naming a chunk never sent is refused; nothing becomes visible.
-    let idx = u(&format!("/v1/agent/backups/{}/streams/0/index", begin.session_id));
+    let idx = u(&format!(
+        "/v1/agent/backups/{}/streams/0/index",
+        begin.session_id
+    ));
     let h = tierback_format::ids::ChunkHash(*blake3::hash(b"0123456789").as_bytes());
-    let (s, _) = status(c.post(&idx).bearer_auth(&creds[0]).body(encode_stream_index(&[(0, h)]))).await;
+    let (s, _) = status(
+        c.post(&idx)
+            .bearer_auth(&creds[0])
+            .body(encode_stream_index(&[(0, h)])),
+    )
+    .await;
     assert_eq!(s, 200);
     let commit = u(&format!("/v1/agent/backups/{}/commit", begin.session_id));
-    let (s, b) = status(c.post(&commit).bearer_auth(&creds[0]).json(&CommitRequest::default())).await;
+    let (s, b) = status(
+        c.post(&commit)
+            .bearer_auth(&creds[0])
+            .json(&CommitRequest::default()),
+    )
+    .await;
     assert_eq!(s, 409, "{b}");
-    let pts: Vec<PointSummary> =
-        c.get(u("/v1/admin/points")).bearer_auth(&g.admin).send().await.expect("send").json().await.expect("json");
+    let pts: Vec<PointSummary> = c
+        .get(u("/v1/admin/points"))
+        .bearer_auth(&g.admin)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert!(pts.is_empty());
     // Send it, commit again: now the point exists.
     let mut body = Vec::new();
     put_chunk_record(&mut body, &h, b"0123456789");
     let (s, _) = status(c.post(&chunks).bearer_auth(&creds[0]).body(body)).await;
     assert_eq!(s, 200);
-    let (s, b) = status(c.post(&commit).bearer_auth(&creds[0]).json(&CommitRequest::default())).await;
+    let (s, b) = status(
+        c.post(&commit)
+            .bearer_auth(&creds[0])
+            .json(&CommitRequest::default()),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
-    let pts: Vec<PointSummary> =
-        c.get(u("/v1/admin/points")).bearer_auth(&g.admin).send().await.expect("send").json().await.expect("json");
+    let pts: Vec<PointSummary> = c
+        .get(u("/v1/admin/points"))
+        .bearer_auth(&g.admin)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(pts.len(), 1);
     assert_eq!(pts[0].kind, "full");
 
@@ -190,7 +292,11 @@ async fn every_route_needs_the_right_credential() {
 async fn a_client_pinning_another_certificate_cannot_connect() {
     let g = start().await;
     let wrong = "00".repeat(32);
-    let err = http(&wrong).get(format!("{}/v1/health", g.url)).send().await.expect_err("must fail");
+    let err = http(&wrong)
+        .get(format!("{}/v1/health", g.url))
+        .send()
+        .await
+        .expect_err("must fail");
     let mut cause: &dyn std::error::Error = &err;
     let mut text = cause.to_string();
     while let Some(n) = cause.source() {
@@ -198,7 +304,11 @@ async fn a_client_pinning_another_certificate_cannot_connect() {
         text.push_str(&format!(": {n}"));
     }
     assert!(text.contains("fingerprint"), "{text}");
-    let ok = http(&g.fingerprint).get(format!("{}/v1/health", g.url)).send().await.expect("pinned ok");
+    let ok = http(&g.fingerprint)
+        .get(format!("{}/v1/health", g.url))
+        .send()
+        .await
+        .expect("pinned ok");
     assert_eq!(ok.status().as_u16(), 200);
     g.shutdown.cancel();
     g.task.await.expect("join").expect("clean shutdown");

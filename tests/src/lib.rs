@@ -29,13 +29,18 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 /// Runs a command, returns its output whatever the exit status.
 pub fn run(cmd: &mut Command) -> Output {
     let desc = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {desc}: {e}"))
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {desc}: {e}"))
 }
 
 /// Runs a command that must succeed; returns stdout.
@@ -58,11 +63,21 @@ pub fn fails(cmd: &mut Command) -> String {
     let desc = format!("{cmd:?}");
     let o = run(cmd);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "{desc} should have failed; stdout: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "{desc} should have failed; stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(!err.contains("panicked"), "{desc} panicked: {err}");
-    assert!(!err.contains("RUST_BACKTRACE"), "{desc} printed a backtrace hint: {err}");
+    assert!(
+        !err.contains("RUST_BACKTRACE"),
+        "{desc} printed a backtrace hint: {err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(lines.len() == 1 && lines[0].starts_with("error: "), "{desc}: expected one `error:` line, got: {err}");
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "{desc}: expected one `error:` line, got: {err}"
+    );
     err
 }
 
@@ -70,7 +85,9 @@ pub fn fails(cmd: &mut Command) -> String {
 /// test process into a cache under the target dir.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixtures().expect("building fixture disks (see tests/fixtures/make-test-disks.sh)"))
+    DIR.get_or_init(|| {
+        build_fixtures().expect("building fixture disks (see tests/fixtures/make-test-disks.sh)")
+    })
 }
 
 fn build_fixtures() -> Result<PathBuf> {
@@ -84,8 +101,13 @@ fn build_fixtures() -> Result<PathBuf> {
         return Ok(dir);
     }
     std::fs::create_dir_all(dir.parent().context("parent")?)?;
-    let tmp = tempfile::Builder::new().prefix("build-").tempdir_in(dir.parent().context("parent")?)?;
-    let o = Command::new("bash").arg(&script).env("OUT", tmp.path()).output()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(dir.parent().context("parent")?)?;
+    let o = Command::new("bash")
+        .arg(&script)
+        .env("OUT", tmp.path())
+        .output()?;
     if !o.status.success() {
         bail!(
             "fixture script failed: {}\n{}",
@@ -104,13 +126,18 @@ fn build_fixtures() -> Result<PathBuf> {
 
 /// `qemu-img compare` of two images; formats given explicitly.
 pub fn qemu_compare(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) -> bool {
-    let o = run(Command::new("qemu-img").args(["compare", "-q", "-f", a_fmt, "-F", b_fmt]).arg(a).arg(b));
+    let o = run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", a_fmt, "-F", b_fmt])
+        .arg(a)
+        .arg(b));
     o.status.success()
 }
 
 /// `qemu-img check` of a VHDX.
 pub fn qemu_check_vhdx(p: &Path) {
-    ok(Command::new("qemu-img").args(["check", "-f", "vhdx"]).arg(p));
+    ok(Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(p));
 }
 
 /// SHA-256 of a file, hex.
@@ -136,8 +163,18 @@ impl Gateway {
             .arg(dir));
         let v: serde_json::Value = serde_json::from_str(&out).expect("init --json");
         let fingerprint = v["fingerprint"].as_str().expect("fingerprint").to_string();
-        let mut g = Gateway { dir: dir.to_path_buf(), child: None, fingerprint, url: String::new() };
+        let mut g = Gateway {
+            dir: dir.to_path_buf(),
+            child: None,
+            fingerprint,
+            url: String::new(),
+        };
         g.serve();
+        // Pin the port that was picked, so a restart listens where agents expect it.
+        let cfg = dir.join("gateway.toml");
+        let text = std::fs::read_to_string(&cfg).expect("gateway.toml");
+        let addr = g.url.trim_start_matches("https://");
+        std::fs::write(&cfg, text.replace("127.0.0.1:0", addr)).expect("gateway.toml");
         g
     }
 
@@ -169,7 +206,11 @@ impl Gateway {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("gateway exited with {st}: {}", self.log());
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "gateway did not start: {}", self.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "gateway did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -181,7 +222,10 @@ impl Gateway {
     /// An admin command against this gateway.
     pub fn cmd(&self, verb: &[&str]) -> Command {
         let mut c = Command::new(bin("tierback-gateway"));
-        c.args(verb).arg("--data-dir").arg(&self.dir);
+        c.args(&verb[..1])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(&verb[1..]);
         c
     }
 
@@ -209,7 +253,9 @@ impl Gateway {
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let _ = c.wait();
         }
     }
@@ -230,17 +276,30 @@ impl Agent {
     pub fn enroll(gw: &Gateway, state: &Path, host_root: &Path) -> Agent {
         let token = gw.enroll_token();
         ok(Command::new(bin("tierback-agent"))
-            .args(["enroll", "--gateway", &gw.url, "--token", &token, "--fingerprint", &gw.fingerprint])
+            .args([
+                "enroll",
+                "--gateway",
+                &gw.url,
+                "--token",
+                &token,
+                "--fingerprint",
+                &gw.fingerprint,
+            ])
             .arg("--state-dir")
             .arg(state)
             .arg("--host-root")
             .arg(host_root));
-        Agent { state: state.to_path_buf() }
+        Agent {
+            state: state.to_path_buf(),
+        }
     }
 
     pub fn cmd(&self, verb: &[&str]) -> Command {
         let mut c = Command::new(bin("tierback-agent"));
-        c.args(verb).arg("--state-dir").arg(&self.state);
+        c.args(&verb[..1])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(&verb[1..]);
         c
     }
 
@@ -262,7 +321,9 @@ pub fn make_vm(host_root: &Path, name: &str, id: &str, disks: &[(&Path, &str)]) 
     let mut config_files = Vec::new();
     for (ext, size) in [("vmcx", 70_000usize), ("vmrs", 20_000), ("vmgs", 4_200_000)] {
         let rel = format!("Virtual Machines/{upper}.{ext}");
-        let bytes: Vec<u8> = (0..size).map(|i| ((i * 31 + name.len() * 7) % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| ((i * 31 + name.len() * 7) % 251) as u8)
+            .collect();
         std::fs::write(vm.join(&rel), bytes).expect("config file");
         config_files.push(rel);
     }
@@ -273,12 +334,18 @@ pub fn make_vm(host_root: &Path, name: &str, id: &str, disks: &[(&Path, &str)]) 
         if std::fs::hard_link(src, &dst).is_err() {
             std::fs::copy(src, &dst).expect("copy disk");
         }
-        entries.push(serde_json::json!({"controller": "SCSI", "location": format!("0:{i}"), "path": rel}));
+        entries.push(
+            serde_json::json!({"controller": "SCSI", "location": format!("0:{i}"), "path": rel}),
+        );
     }
     let desc = serde_json::json!({
         "id": id, "name": name, "generation": 2, "config_version": "9.0", "state": "Running",
         "config_files": config_files, "disks": entries,
     });
-    std::fs::write(vm.join("vm.json"), serde_json::to_vec_pretty(&desc).expect("json")).expect("vm.json");
+    std::fs::write(
+        vm.join("vm.json"),
+        serde_json::to_vec_pretty(&desc).expect("json"),
+    )
+    .expect("vm.json");
     vm
 }

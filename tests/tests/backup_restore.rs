@@ -26,9 +26,17 @@ fn every_container_restores_byte_identical_as_raw_and_vhdx() {
         let id = format!("8f0c2d1e-4b7a-4c59-9a0e-2f6d7c1b33{i:02}");
         let disks: Vec<_> = ["win-gpt", "win-mbr", "linux-gpt"]
             .iter()
-            .map(|d| (fx.join(format!("{d}-{suffix}")), format!("{d}.{}", suffix.rsplit('.').next().unwrap_or("vhdx"))))
+            .map(|d| {
+                (
+                    fx.join(format!("{d}-{suffix}")),
+                    format!("{d}.{}", suffix.rsplit('.').next().unwrap_or("vhdx")),
+                )
+            })
             .collect();
-        let refs: Vec<_> = disks.iter().map(|(p, n)| (p.as_path(), n.as_str())).collect();
+        let refs: Vec<_> = disks
+            .iter()
+            .map(|(p, n)| (p.as_path(), n.as_str()))
+            .collect();
         make_vm(&host, &name, &id, &refs);
         vms.push(name);
     }
@@ -36,16 +44,47 @@ fn every_container_restores_byte_identical_as_raw_and_vhdx() {
     for (vm, (suffix, what)) in vms.iter().zip(CONTAINERS) {
         let rep = agent.backup(vm);
         let point = rep["point"].as_str().expect("point").to_string();
-        assert!(rep["bytes_read"].as_u64().unwrap_or(0) > 0, "{what}: nothing read");
+        assert!(
+            rep["bytes_read"].as_u64().unwrap_or(0) > 0,
+            "{what}: nothing read"
+        );
         for (n, d) in ["win-gpt", "win-mbr", "linux-gpt"].iter().enumerate() {
             let raw_truth = fx.join(format!("{d}.raw"));
             let out_raw = t.path().join(format!("{vm}-{d}.raw"));
             let out_vhdx = t.path().join(format!("{vm}-{d}.vhdx"));
             let n = n.to_string();
-            ok(&mut gw.cmd(&["restore-disk", "--point", &point, "--disk", &n, "--format", "raw", "--out"]).arg(&out_raw));
-            ok(&mut gw.cmd(&["restore-disk", "--point", &point, "--disk", &n, "--format", "vhdx", "--out"]).arg(&out_vhdx));
-            assert!(qemu_compare(&raw_truth, "raw", &out_raw, "raw"), "{what} {d}: raw restore differs ({suffix})");
-            assert!(qemu_compare(&raw_truth, "raw", &out_vhdx, "vhdx"), "{what} {d}: VHDX restore differs ({suffix})");
+            ok(gw
+                .cmd(&[
+                    "restore-disk",
+                    "--point",
+                    &point,
+                    "--disk",
+                    &n,
+                    "--format",
+                    "raw",
+                    "--out",
+                ])
+                .arg(&out_raw));
+            ok(gw
+                .cmd(&[
+                    "restore-disk",
+                    "--point",
+                    &point,
+                    "--disk",
+                    &n,
+                    "--format",
+                    "vhdx",
+                    "--out",
+                ])
+                .arg(&out_vhdx));
+            assert!(
+                qemu_compare(&raw_truth, "raw", &out_raw, "raw"),
+                "{what} {d}: raw restore differs ({suffix})"
+            );
+            assert!(
+                qemu_compare(&raw_truth, "raw", &out_vhdx, "vhdx"),
+                "{what} {d}: VHDX restore differs ({suffix})"
+            );
             qemu_check_vhdx(&out_vhdx);
             std::fs::remove_file(&out_raw).expect("rm");
             std::fs::remove_file(&out_vhdx).expect("rm");
@@ -63,26 +102,37 @@ fn whole_vm_restore_carries_config_files_byte_identical() {
         &host,
         "web01",
         "8f0c2d1e-4b7a-4c59-9a0e-2f6d7c1b33a1",
-        &[(&fx.join("win-gpt-dynamic.vhdx"), "web01-os.vhdx"), (&fx.join("linux-gpt-dynamic.vhd"), "web01-data.vhd")],
+        &[
+            (&fx.join("win-gpt-dynamic.vhdx"), "web01-os.vhdx"),
+            (&fx.join("linux-gpt-dynamic.vhd"), "web01-data.vhd"),
+        ],
     );
     let agent = Agent::enroll(&gw, &t.path().join("agent"), &host);
-    let point = agent.backup("web01")["point"].as_str().expect("point").to_string();
+    let point = agent.backup("web01")["point"]
+        .as_str()
+        .expect("point")
+        .to_string();
 
     // vms --json shows the VM with its disks.
-    let vms: serde_json::Value = serde_json::from_str(&ok(&mut gw.cmd(&["vms", "--json"]))).expect("json");
+    let vms: serde_json::Value =
+        serde_json::from_str(&ok(&mut gw.cmd(&["vms", "--json"]))).expect("json");
     assert_eq!(vms[0]["name"], "web01");
     assert_eq!(vms[0]["disks"].as_array().map(|d| d.len()), Some(2));
     assert_eq!(vms[0]["disks"][0]["virtual_size"], 256 << 20);
 
     let to = t.path().join("restored/web01");
     std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-    ok(&mut gw.cmd(&["restore-vm", "--point", &point, "--to"]).arg(&to));
+    ok(gw.cmd(&["restore-vm", "--point", &point, "--to"]).arg(&to));
     let desc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(to.join("vm.json")).expect("vm.json")).expect("json");
     assert_eq!(desc["id"], "8f0c2d1e-4b7a-4c59-9a0e-2f6d7c1b33a1");
     for f in desc["config_files"].as_array().expect("config files") {
         let rel = f.as_str().expect("str");
-        assert_eq!(sha256_file(&to.join(rel)), sha256_file(&src.join(rel)), "{rel} differs");
+        assert_eq!(
+            sha256_file(&to.join(rel)),
+            sha256_file(&src.join(rel)),
+            "{rel} differs"
+        );
     }
     let disks = desc["disks"].as_array().expect("disks");
     assert_eq!(disks[0]["path"], "Virtual Hard Disks/web01-os.vhdx");
@@ -91,9 +141,14 @@ fn whole_vm_restore_carries_config_files_byte_identical() {
     let data = to.join("Virtual Hard Disks/web01-data.vhdx");
     qemu_check_vhdx(&os);
     assert!(qemu_compare(&fx.join("win-gpt.raw"), "raw", &os, "vhdx"));
-    assert!(qemu_compare(&fx.join("linux-gpt.raw"), "raw", &data, "vhdx"));
+    assert!(qemu_compare(
+        &fx.join("linux-gpt.raw"),
+        "raw",
+        &data,
+        "vhdx"
+    ));
 
     // Restores never overwrite.
-    let err = fails(&mut gw.cmd(&["restore-vm", "--point", &point, "--to"]).arg(&to));
+    let err = fails(gw.cmd(&["restore-vm", "--point", &point, "--to"]).arg(&to));
     assert!(err.contains("not empty"), "{err}");
 }

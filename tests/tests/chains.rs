@@ -16,7 +16,14 @@ use tierback_format::vhdx::VhdxOptions;
 fn snapshot(files: &[PathBuf]) -> Vec<(String, SystemTime)> {
     files
         .iter()
-        .map(|f| (sha256_file(f), std::fs::metadata(f).and_then(|m| m.modified()).expect("mtime")))
+        .map(|f| {
+            (
+                sha256_file(f),
+                std::fs::metadata(f)
+                    .and_then(|m| m.modified())
+                    .expect("mtime"),
+            )
+        })
         .collect()
 }
 
@@ -25,12 +32,40 @@ fn restore_and_compare(gw: &Gateway, point: &str, expected: &[u8], t: &Path, tag
     std::fs::write(&truth, expected).expect("truth");
     let raw = t.join(format!("{tag}.raw"));
     let vhdx = t.join(format!("{tag}.vhdx"));
-    ok(&mut gw.cmd(&["restore-disk", "--point", point, "--disk", "0", "--format", "raw", "--out"]).arg(&raw));
-    assert!(std::fs::read(&raw).expect("read") == expected, "{tag}: raw restore differs from the expected bytes");
-    ok(&mut gw.cmd(&["restore-disk", "--point", point, "--disk", "0", "--format", "vhdx", "--out"]).arg(&vhdx));
+    ok(gw
+        .cmd(&[
+            "restore-disk",
+            "--point",
+            point,
+            "--disk",
+            "0",
+            "--format",
+            "raw",
+            "--out",
+        ])
+        .arg(&raw));
+    assert!(
+        std::fs::read(&raw).expect("read") == expected,
+        "{tag}: raw restore differs from the expected bytes"
+    );
+    ok(gw
+        .cmd(&[
+            "restore-disk",
+            "--point",
+            point,
+            "--disk",
+            "0",
+            "--format",
+            "vhdx",
+            "--out",
+        ])
+        .arg(&vhdx));
     // qemu-img cannot read 4 KiB-sector VHDX; for the others it is a second oracle.
     if tag != "4k" {
-        assert!(qemu_compare(&truth, "raw", &vhdx, "vhdx"), "{tag}: VHDX restore differs");
+        assert!(
+            qemu_compare(&truth, "raw", &vhdx, "vhdx"),
+            "{tag}: VHDX restore differs"
+        );
         qemu_check_vhdx(&vhdx);
     }
 }
@@ -44,7 +79,11 @@ fn avhdx_chain_dirty_log_and_4k_sectors_restore_exactly() {
     let raw = std::fs::read(fx.join("win-mbr.raw")).expect("raw");
 
     // 1. Two-level chain: base.vhdx ← snap1.avhdx ← snap2.avhdx, partial-block writes in each.
-    let names = ["web01-os.vhdx", "web01-os_5C1B.avhdx", "web01-os_9E2F.avhdx"];
+    let names = [
+        "web01-os.vhdx",
+        "web01-os_5C1B.avhdx",
+        "web01-os_9E2F.avhdx",
+    ];
     let chain = testkit::avhdx_chain(&raw, &names, 1 << 20, 512, 42).expect("chain");
     let vm = make_vm(&host, "chain", "c4a10000-0000-0000-0000-000000000001", &[]);
     let vhd_dir = vm.join("Virtual Hard Disks");
@@ -59,7 +98,7 @@ fn avhdx_chain_dirty_log_and_4k_sectors_restore_exactly() {
 
     // 2. Dirty log.
     let dirty = testkit::dirty_log_vhdx(&raw, 1 << 20, 7).expect("dirty log");
-    assert_ne!(dirty.expected_raw, dirty.stale_raw);
+    assert_ne!(dirty.expected_raw, raw, "the log must change the disk");
     let vm2 = make_vm(&host, "dirty", "d1f70000-0000-0000-0000-000000000002", &[]);
     let dirty_path = vm2.join("Virtual Hard Disks/dirty.vhdx");
     std::fs::write(&dirty_path, &dirty.file).expect("write dirty");
@@ -67,10 +106,18 @@ fn avhdx_chain_dirty_log_and_4k_sectors_restore_exactly() {
     // qemu's own replay, on a copy, must agree with the fixture's ground truth.
     let copy = t.path().join("dirty-copy.vhdx");
     std::fs::copy(&dirty_path, &copy).expect("copy");
-    let _ = run(Command::new("qemu-img").args(["check", "-r", "all", "-f", "vhdx"]).arg(&copy));
+    let _ = run(Command::new("qemu-img")
+        .args(["check", "-r", "all", "-f", "vhdx"])
+        .arg(&copy));
     let qemu_raw = t.path().join("dirty-qemu.raw");
-    ok(Command::new("qemu-img").args(["convert", "-f", "vhdx", "-O", "raw"]).arg(&copy).arg(&qemu_raw));
-    assert!(std::fs::read(&qemu_raw).expect("read") == dirty.expected_raw, "fixture truth disagrees with qemu's replay");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(&copy)
+        .arg(&qemu_raw));
+    assert!(
+        std::fs::read(&qemu_raw).expect("read") == dirty.expected_raw,
+        "fixture truth disagrees with qemu's replay"
+    );
 
     // 3. 4 KiB logical sectors.
     let mut opts = VhdxOptions::new(raw.len() as u64);
@@ -94,12 +141,26 @@ fn avhdx_chain_dirty_log_and_4k_sectors_restore_exactly() {
     let before = snapshot(&sources);
 
     let agent = Agent::enroll(&gw, &t.path().join("agent"), &host);
-    let p_chain = agent.backup("chain")["point"].as_str().expect("p").to_string();
-    let p_dirty = agent.backup("dirty")["point"].as_str().expect("p").to_string();
-    let p_4k = agent.backup("fourk")["point"].as_str().expect("p").to_string();
-    assert_eq!(snapshot(&sources), before, "a source disk was modified by the backup");
+    let p_chain = agent.backup("chain")["point"]
+        .as_str()
+        .expect("p")
+        .to_string();
+    let p_dirty = agent.backup("dirty")["point"]
+        .as_str()
+        .expect("p")
+        .to_string();
+    let p_4k = agent.backup("fourk")["point"]
+        .as_str()
+        .expect("p")
+        .to_string();
+    assert_eq!(
+        snapshot(&sources),
+        before,
+        "a source disk was modified by the backup"
+    );
 
-    let vms: Vec<serde_json::Value> = serde_json::from_str(&ok(&mut gw.cmd(&["vms", "--json"]))).expect("json");
+    let vms: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&mut gw.cmd(&["vms", "--json"]))).expect("json");
     let fourk = vms.iter().find(|v| v["name"] == "fourk").expect("fourk");
     assert_eq!(fourk["disks"][0]["logical_sector_size"], 4096);
 
@@ -113,7 +174,8 @@ fn avhdx_chain_dirty_log_and_4k_sectors_restore_exactly() {
 
 fn set_disks(vm: &Path, paths: &[&str]) {
     let p = vm.join("vm.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json");
     v["disks"] = paths
         .iter()
         .enumerate()
@@ -125,5 +187,10 @@ fn set_disks(vm: &Path, paths: &[&str]) {
 /// Sets a file's mtime an hour into the past (so a write during backup would
 /// show), with `touch -d`.
 fn filetime_past(f: &Path) -> bool {
-    Command::new("touch").args(["-m", "-d", "1 hour ago"]).arg(f).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("touch")
+        .args(["-m", "-d", "1 hour ago"])
+        .arg(f)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }

@@ -26,8 +26,24 @@ fn big_vm(dir: &Path, host: &Path) -> std::path::PathBuf {
     }
     std::fs::write(&raw, &data).expect("raw");
     let vhdx = dir.join("big.vhdx");
-    ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic"]).arg(&raw).arg(&vhdx));
-    make_vm(host, "big", "b16b16b1-0000-0000-0000-000000000001", &[(&vhdx, "big.vhdx")]);
+    ok(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            "-o",
+            "subformat=dynamic",
+        ])
+        .arg(&raw)
+        .arg(&vhdx));
+    make_vm(
+        host,
+        "big",
+        "b16b16b1-0000-0000-0000-000000000001",
+        &[(&vhdx, "big.vhdx")],
+    );
     raw
 }
 
@@ -39,7 +55,10 @@ fn wait_for_running_job(gw: &Gateway) {
         if jobs.iter().any(|j| j["state"] == "running") {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "backup never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "backup never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -57,11 +76,29 @@ fn check_new_backup_restores(gw: &Gateway, agent: &Agent, raw: &Path, t: &Path, 
     let rep = agent.backup("big");
     let point = rep["point"].as_str().expect("point");
     let pts = gw.points();
-    assert_eq!(pts.len(), 1, "{tag}: only the new point is visible: {pts:?}");
+    assert_eq!(
+        pts.len(),
+        1,
+        "{tag}: only the new point is visible: {pts:?}"
+    );
     assert_eq!(pts[0]["id"], point);
     let out = t.join(format!("{tag}.raw"));
-    ok(&mut gw.cmd(&["restore-disk", "--point", point, "--disk", "0", "--format", "raw", "--out"]).arg(&out));
-    assert!(qemu_compare(raw, "raw", &out, "raw"), "{tag}: restore differs");
+    ok(gw
+        .cmd(&[
+            "restore-disk",
+            "--point",
+            point,
+            "--disk",
+            "0",
+            "--format",
+            "raw",
+            "--out",
+        ])
+        .arg(&out));
+    assert!(
+        qemu_compare(raw, "raw", &out, "raw"),
+        "{tag}: restore differs"
+    );
     ok(&mut gw.cmd(&["verify"]));
 }
 
@@ -75,13 +112,20 @@ fn gateway_killed_mid_backup_leaves_no_point_and_recovers() {
     let mut backup = spawn_backup(&agent);
     wait_for_running_job(&gw);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(backup.try_wait().expect("wait").is_none(), "backup finished before the kill; make the disk larger");
+    assert!(
+        backup.try_wait().expect("wait").is_none(),
+        "backup finished before the kill; make the disk larger"
+    );
     gw.kill9();
     let st = backup.wait().expect("agent");
     assert!(!st.success(), "the agent must report the lost gateway");
     gw.serve();
-    assert!(gw.points().is_empty(), "a point of the killed run is visible");
-    let jobs: Vec<serde_json::Value> = serde_json::from_str(&ok(&mut gw.cmd(&["jobs", "--json"]))).expect("jobs");
+    assert!(
+        gw.points().is_empty(),
+        "a point of the killed run is visible"
+    );
+    let jobs: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&mut gw.cmd(&["jobs", "--json"]))).expect("jobs");
     assert_eq!(jobs[0]["state"], "abandoned", "{jobs:?}");
     check_new_backup_restores(&gw, &agent, &raw, t.path(), "after-gateway-kill");
 }
@@ -96,9 +140,15 @@ fn agent_killed_mid_backup_leaves_no_point_and_next_backup_resumes() {
     let mut backup = spawn_backup(&agent);
     wait_for_running_job(&gw);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(backup.try_wait().expect("wait").is_none(), "backup finished before the kill; make the disk larger");
+    assert!(
+        backup.try_wait().expect("wait").is_none(),
+        "backup finished before the kill; make the disk larger"
+    );
     let _ = backup.kill();
     let _ = backup.wait();
-    assert!(gw.points().is_empty(), "a point of the killed run is visible");
+    assert!(
+        gw.points().is_empty(),
+        "a point of the killed run is visible"
+    );
     check_new_backup_restores(&gw, &agent, &raw, t.path(), "after-agent-kill");
 }

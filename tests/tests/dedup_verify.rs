@@ -5,7 +5,8 @@
 use tierback_e2e::*;
 
 fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -16,8 +17,18 @@ fn second_vm_with_same_guest_content_stores_far_less() {
     let host = t.path().join("host");
     // Same guest OS disk, in two different containers: dedup works on
     // virtual-disk chunks, not on container bytes.
-    make_vm(&host, "vm-a", "aaaaaaaa-0000-0000-0000-000000000001", &[(&fx.join("win-gpt-dynamic.vhdx"), "a.vhdx")]);
-    make_vm(&host, "vm-b", "bbbbbbbb-0000-0000-0000-000000000002", &[(&fx.join("win-gpt-fixed.vhdx"), "b.vhdx")]);
+    make_vm(
+        &host,
+        "vm-a",
+        "aaaaaaaa-0000-0000-0000-000000000001",
+        &[(&fx.join("win-gpt-dynamic.vhdx"), "a.vhdx")],
+    );
+    make_vm(
+        &host,
+        "vm-b",
+        "bbbbbbbb-0000-0000-0000-000000000002",
+        &[(&fx.join("win-gpt-fixed.vhdx"), "b.vhdx")],
+    );
     let agent = Agent::enroll(&gw, &t.path().join("agent"), &host);
     let a = agent.backup("vm-a");
     let b = agent.backup("vm-b");
@@ -29,13 +40,26 @@ fn second_vm_with_same_guest_content_stores_far_less() {
         assert_eq!(p["tiers"], serde_json::json!(["local"]));
         assert!(p["time"].as_str().is_some_and(|t| t.ends_with('Z')));
     }
-    assert_eq!(u(pa, "logical_bytes"), u(pb, "logical_bytes"), "same guest content, same logical bytes");
+    assert_eq!(
+        u(pa, "logical_bytes"),
+        u(pb, "logical_bytes"),
+        "same guest content, same logical bytes"
+    );
     let (sa, sb) = (u(pa, "stored_bytes"), u(pb, "stored_bytes"));
-    println!("vm-a stored {sa} B, vm-b stored {sb} B of {} logical", u(pa, "logical_bytes"));
+    println!(
+        "vm-a stored {sa} B, vm-b stored {sb} B of {} logical",
+        u(pa, "logical_bytes")
+    );
     assert!(sa > 1 << 20, "the first VM must store its data ({sa} B)");
     // Only the VM's own config files differ.
-    assert!(sb * 10 < sa, "second VM stored {sb} B, first {sa} B: expected far fewer");
-    assert!(u(&b, "bytes_sent") * 10 < u(&a, "bytes_sent"), "agent should not resend known chunks");
+    assert!(
+        sb * 10 < sa,
+        "second VM stored {sb} B, first {sa} B: expected far fewer"
+    );
+    assert!(
+        u(&b, "bytes_sent") * 10 < u(&a, "bytes_sent"),
+        "agent should not resend known chunks"
+    );
 }
 
 #[test]
@@ -44,10 +68,21 @@ fn verify_names_the_damaged_chunk_and_every_point_needing_it() {
     let t = tempfile::tempdir().expect("tmp");
     let gw = Gateway::start(&t.path().join("gw"));
     let host = t.path().join("host");
-    make_vm(&host, "vm-a", "aaaaaaaa-0000-0000-0000-000000000001", &[(&fx.join("win-mbr-dynamic.vhdx"), "a.vhdx")]);
+    make_vm(
+        &host,
+        "vm-a",
+        "aaaaaaaa-0000-0000-0000-000000000001",
+        &[(&fx.join("win-mbr-dynamic.vhdx"), "a.vhdx")],
+    );
     let agent = Agent::enroll(&gw, &t.path().join("agent"), &host);
-    let p1 = agent.backup("vm-a")["point"].as_str().expect("p").to_string();
-    let p2 = agent.backup("vm-a")["point"].as_str().expect("p").to_string();
+    let p1 = agent.backup("vm-a")["point"]
+        .as_str()
+        .expect("p")
+        .to_string();
+    let p2 = agent.backup("vm-a")["point"]
+        .as_str()
+        .expect("p")
+        .to_string();
 
     let clean: serde_json::Value =
         serde_json::from_str(&ok(&mut gw.cmd(&["verify", "--json"]))).expect("json");
@@ -56,7 +91,10 @@ fn verify_names_the_damaged_chunk_and_every_point_needing_it() {
     assert_eq!(u(&clean, "points_checked"), 2);
 
     // Flip one byte inside the first chunk record of the first pack.
-    let mut packs: Vec<_> = walk(&gw.dir.join("packs")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "pack")).collect();
+    let mut packs: Vec<_> = walk(&gw.dir.join("packs"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
     packs.sort();
     assert!(!packs.is_empty(), "no packs written");
     let mut bytes = std::fs::read(&packs[0]).expect("read pack");
@@ -68,7 +106,12 @@ fn verify_names_the_damaged_chunk_and_every_point_needing_it() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let damaged = r["damaged"].as_array().expect("damaged");
     assert_eq!(damaged.len(), 1, "exactly the flipped chunk: {r}");
-    let mut pts: Vec<_> = damaged[0]["points"].as_array().expect("points").iter().filter_map(|v| v.as_str()).collect();
+    let mut pts: Vec<_> = damaged[0]["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
     pts.sort();
     let mut want = vec![p1.as_str(), p2.as_str()];
     want.sort();
@@ -79,9 +122,28 @@ fn verify_names_the_damaged_chunk_and_every_point_needing_it() {
     let o = run(&mut gw.cmd(&["verify", "--point", &p1]));
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("DAMAGED chunk") && text.contains(damaged[0]["chunk"].as_str().unwrap_or("?")), "{text}");
-    let err = fails(&mut gw.cmd(&["restore-disk", "--point", &p1, "--disk", "0", "--format", "raw", "--out"]).arg(t.path().join("x.raw")));
-    assert!(!t.path().join("x.raw").exists(), "a failed restore must not leave a file: {err}");
+    assert!(
+        text.contains("DAMAGED chunk")
+            && text.contains(damaged[0]["chunk"].as_str().unwrap_or("?")),
+        "{text}"
+    );
+    let err = fails(
+        gw.cmd(&[
+            "restore-disk",
+            "--point",
+            &p1,
+            "--disk",
+            "0",
+            "--format",
+            "raw",
+            "--out",
+        ])
+        .arg(t.path().join("x.raw")),
+    );
+    assert!(
+        !t.path().join("x.raw").exists(),
+        "a failed restore must not leave a file: {err}"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -15,7 +15,10 @@ fn init_refuses_an_initialised_dir_and_serve_refuses_a_wrong_passphrase() {
     let dir = t.path().join("gw");
     let init = |d: &std::path::Path| {
         let mut c = Command::new(bin("tierback-gateway"));
-        c.args(["init", "--listen", "127.0.0.1:0", "--passphrase-file"]).arg(&pass).arg("--data-dir").arg(d);
+        c.args(["init", "--listen", "127.0.0.1:0", "--passphrase-file"])
+            .arg(&pass)
+            .arg("--data-dir")
+            .arg(d);
         c
     };
     let out = ok(&mut init(&dir));
@@ -23,7 +26,11 @@ fn init_refuses_an_initialised_dir_and_serve_refuses_a_wrong_passphrase() {
     let before = std::fs::read(dir.join("keys.json")).expect("keys");
     let err = fails(&mut init(&dir));
     assert!(err.contains("already an initialised"), "{err}");
-    assert_eq!(std::fs::read(dir.join("keys.json")).expect("keys"), before, "second init changed the keys");
+    assert_eq!(
+        std::fs::read(dir.join("keys.json")).expect("keys"),
+        before,
+        "second init changed the keys"
+    );
 
     let wrong = t.path().join("wrong");
     std::fs::write(&wrong, "Tr0ub4dor&3").expect("wrong");
@@ -35,7 +42,11 @@ fn init_refuses_an_initialised_dir_and_serve_refuses_a_wrong_passphrase() {
     );
     assert!(err.contains("wrong passphrase"), "{err}");
 
-    let err = fails(Command::new(bin("tierback-gateway")).args(["points", "--data-dir"]).arg(t.path().join("nope")));
+    let err = fails(
+        Command::new(bin("tierback-gateway"))
+            .args(["points", "--data-dir"])
+            .arg(t.path().join("nope")),
+    );
     assert!(err.contains("init"), "{err}");
 }
 
@@ -47,11 +58,19 @@ fn enrolment_needs_a_valid_token_and_the_right_fingerprint() {
     std::fs::create_dir_all(&host).expect("host");
     let enroll = |token: &str, fp: &str, state: &str| {
         let mut c = Command::new(bin("tierback-agent"));
-        c.args(["enroll", "--gateway", &gw.url, "--token", token, "--fingerprint", fp])
-            .arg("--state-dir")
-            .arg(t.path().join(state))
-            .arg("--host-root")
-            .arg(&host);
+        c.args([
+            "enroll",
+            "--gateway",
+            &gw.url,
+            "--token",
+            token,
+            "--fingerprint",
+            fp,
+        ])
+        .arg("--state-dir")
+        .arg(t.path().join(state))
+        .arg("--host-root")
+        .arg(&host);
         c
     };
     let err = fails(&mut enroll("tbe1.bogus", &gw.fingerprint, "a1"));
@@ -72,7 +91,8 @@ fn enrolment_needs_a_valid_token_and_the_right_fingerprint() {
 /// independently of the reader under test.
 fn bat_offset(vhdx: &[u8]) -> usize {
     const BAT: [u8; 16] = [
-        0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08,
+        0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A,
+        0x08,
     ];
     let rt = 192 * 1024;
     assert_eq!(&vhdx[rt..rt + 4], b"regi");
@@ -110,15 +130,33 @@ fn corrupt_disks_and_unknown_vms_are_clear_errors() {
     let bad_bat_p = t.path().join("badbat.vhdx");
     std::fs::write(&bad_bat_p, &bad_bat).expect("w");
 
-    make_vm(&host, "truncated", "00000000-0000-0000-0000-000000000001", &[(&truncated, "d.vhdx")]);
-    make_vm(&host, "badcrc", "00000000-0000-0000-0000-000000000002", &[(&bad_crc_p, "d.vhdx")]);
-    make_vm(&host, "badbat", "00000000-0000-0000-0000-000000000003", &[(&bad_bat_p, "d.vhdx")]);
+    make_vm(
+        &host,
+        "truncated",
+        "00000000-0000-0000-0000-000000000001",
+        &[(&truncated, "d.vhdx")],
+    );
+    make_vm(
+        &host,
+        "badcrc",
+        "00000000-0000-0000-0000-000000000002",
+        &[(&bad_crc_p, "d.vhdx")],
+    );
+    make_vm(
+        &host,
+        "badbat",
+        "00000000-0000-0000-0000-000000000003",
+        &[(&bad_bat_p, "d.vhdx")],
+    );
     let agent = Agent::enroll(&gw, &t.path().join("agent"), &host);
 
     let err = fails(&mut agent.cmd(&["backup", "--vm", "truncated"]));
     assert!(err.contains("d.vhdx") && err.contains("truncated"), "{err}");
     let err = fails(&mut agent.cmd(&["backup", "--vm", "badcrc"]));
-    assert!(err.contains("d.vhdx") && err.to_lowercase().contains("crc"), "{err}");
+    assert!(
+        err.contains("d.vhdx") && err.to_lowercase().contains("crc"),
+        "{err}"
+    );
     let err = fails(&mut agent.cmd(&["backup", "--vm", "badbat"]));
     assert!(err.contains("d.vhdx") && err.contains("BAT"), "{err}");
     let err = fails(&mut agent.cmd(&["backup", "--vm", "mail01"]));

@@ -50,15 +50,30 @@ fn detect(img: &Image) -> Result<Format, DiskError> {
         .unwrap_or_default();
     match ext.as_str() {
         "raw" | "img" => Ok(Format::Raw),
-        "vhdx" | "avhdx" if len < 8 => Err(DiskError::truncated(p, len, "the file identifier needs 8 bytes")),
-        "vhdx" | "avhdx" => Err(DiskError::corrupt(p, "no \"vhdxfile\" signature at offset 0")),
-        "vhd" | "avhd" => Err(DiskError::corrupt(p, "no VHD footer (\"conectix\") at the end or the start")),
-        _ => Err(DiskError::unsupported(p, "not a VHDX or VHD image, and not a .raw/.img file")),
+        "vhdx" | "avhdx" if len < 8 => Err(DiskError::truncated(
+            p,
+            len,
+            "the file identifier needs 8 bytes",
+        )),
+        "vhdx" | "avhdx" => Err(DiskError::corrupt(
+            p,
+            "no \"vhdxfile\" signature at offset 0",
+        )),
+        "vhd" | "avhd" => Err(DiskError::corrupt(
+            p,
+            "no VHD footer (\"conectix\") at the end or the start",
+        )),
+        _ => Err(DiskError::unsupported(
+            p,
+            "not a VHDX or VHD image, and not a .raw/.img file",
+        )),
     }
 }
 
 pub(crate) fn open_disk(path: &Path, vm_dir: &Path) -> Result<Box<dyn VirtualDisk>, DiskError> {
-    let vm = vm_dir.canonicalize().map_err(|e| DiskError::io(vm_dir, e))?;
+    let vm = vm_dir
+        .canonicalize()
+        .map_err(|e| DiskError::io(vm_dir, e))?;
     let mut seen = Vec::new();
     Ok(open_file(path, &vm, &mut seen)?.0)
 }
@@ -74,7 +89,10 @@ pub(crate) fn open_bytes(name: &Path, bytes: Vec<u8>) -> Result<Box<dyn VirtualD
     if is_vhdx {
         let file = VhdxFile::open(img)?;
         if file.parent_locator.is_some() {
-            return Err(DiskError::unsupported(name, "differencing disk opened without its VM folder"));
+            return Err(DiskError::unsupported(
+                name,
+                "differencing disk opened without its VM folder",
+            ));
         }
         return Ok(Box::new(VhdxDisk {
             file,
@@ -89,7 +107,11 @@ pub(crate) fn open_bytes(name: &Path, bytes: Vec<u8>) -> Result<Box<dyn VirtualD
 }
 
 /// Opens `path` and its parents; returns the disk and its chain length.
-fn open_file(path: &Path, vm: &Path, seen: &mut Vec<PathBuf>) -> Result<(Box<dyn VirtualDisk>, usize), DiskError> {
+fn open_file(
+    path: &Path,
+    vm: &Path,
+    seen: &mut Vec<PathBuf>,
+) -> Result<(Box<dyn VirtualDisk>, usize), DiskError> {
     let canon = path.canonicalize().map_err(|e| DiskError::io(path, e))?;
     seen.push(canon.clone());
     let img = Image::new(path, Box::new(FileBacking::open(path)?));
@@ -111,13 +133,17 @@ fn open_file(path: &Path, vm: &Path, seen: &mut Vec<PathBuf>) -> Result<(Box<dyn
             let linkage = loc
                 .get(ParentLocator::PARENT_LINKAGE)
                 .ok_or_else(|| DiskError::corrupt(path, "parent locator has no parent_linkage"))?;
-            let linkage = Guid::parse(linkage)
-                .map_err(|_| DiskError::corrupt(path, format!("parent_linkage {linkage:?} is not a GUID")))?;
+            let linkage = Guid::parse(linkage).map_err(|_| {
+                DiskError::corrupt(path, format!("parent_linkage {linkage:?} is not a GUID"))
+            })?;
             let linkage2 = loc
                 .get(ParentLocator::PARENT_LINKAGE2)
                 .and_then(|s| Guid::parse(s).ok());
             if seen.len() >= MAX_DEPTH {
-                return Err(DiskError::unsupported(path, format!("a differencing chain deeper than {MAX_DEPTH}")));
+                return Err(DiskError::unsupported(
+                    path,
+                    format!("a differencing chain deeper than {MAX_DEPTH}"),
+                ));
             }
             let ppath = resolve_parent(path, &canon, vm, &loc)?;
             if seen.contains(&ppath) {
@@ -199,7 +225,12 @@ fn rootless_components(v: &str) -> Vec<String> {
 }
 
 /// Finds the parent named by `loc` inside `vm` (canonical). Returns its canonical path.
-fn resolve_parent(child: &Path, child_canon: &Path, vm: &Path, loc: &ParentLocator) -> Result<PathBuf, DiskError> {
+fn resolve_parent(
+    child: &Path,
+    child_canon: &Path,
+    vm: &Path,
+    loc: &ParentLocator,
+) -> Result<PathBuf, DiskError> {
     let mut tried = Vec::new();
     let rel = loc.get(ParentLocator::RELATIVE_PATH);
     if let Some(rel) = rel {
@@ -232,7 +263,10 @@ fn resolve_parent(child: &Path, child_canon: &Path, vm: &Path, loc: &ParentLocat
         }
         tried.push(p);
     }
-    for key in [ParentLocator::VOLUME_PATH, ParentLocator::ABSOLUTE_WIN32_PATH] {
+    for key in [
+        ParentLocator::VOLUME_PATH,
+        ParentLocator::ABSOLUTE_WIN32_PATH,
+    ] {
         let Some(v) = loc.get(key) else { continue };
         let comps = rootless_components(v);
         if comps.iter().any(|c| c == ".." || c.contains(':')) {
@@ -297,7 +331,10 @@ impl VirtualDisk for VhdxDisk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         let size = self.file.geo.virtual_size;
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > size)
+        {
             return Err(DiskError::OutOfRange {
                 path: self.file.img.path.clone(),
                 offset,
@@ -327,11 +364,23 @@ mod tests {
 
     #[test]
     fn windows_paths_lose_their_root() {
-        assert_eq!(rootless_components(r"\\?\D:\Hyper-V\Virtual Hard Disks\a.vhdx"), ["Hyper-V", "Virtual Hard Disks", "a.vhdx"]);
-        assert_eq!(rootless_components(r"\\?\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\vms\a.vhdx"), ["vms", "a.vhdx"]);
-        assert_eq!(rootless_components(r"\\?\UNC\server\share\vms\a.vhdx"), ["vms", "a.vhdx"]);
+        assert_eq!(
+            rootless_components(r"\\?\D:\Hyper-V\Virtual Hard Disks\a.vhdx"),
+            ["Hyper-V", "Virtual Hard Disks", "a.vhdx"]
+        );
+        assert_eq!(
+            rootless_components(r"\\?\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\vms\a.vhdx"),
+            ["vms", "a.vhdx"]
+        );
+        assert_eq!(
+            rootless_components(r"\\?\UNC\server\share\vms\a.vhdx"),
+            ["vms", "a.vhdx"]
+        );
         assert_eq!(rootless_components(r"\\server\share\a.vhdx"), ["a.vhdx"]);
-        assert_eq!(rootless_components("/srv/vms/web01/a.vhdx"), ["srv", "vms", "web01", "a.vhdx"]);
+        assert_eq!(
+            rootless_components("/srv/vms/web01/a.vhdx"),
+            ["srv", "vms", "web01", "a.vhdx"]
+        );
         assert_eq!(rootless_components(r"C:\a.vhdx"), ["a.vhdx"]);
     }
 }

@@ -7,7 +7,7 @@
 //! sequence is searched exactly as the spec's procedure describes, and its
 //! entries are replayed from the tail entry named by the head entry.
 
-use tierback_format::vhdx::layout::{Header, MIB};
+use tierback_format::vhdx::layout::{is_aligned, Header, MIB};
 use tierback_format::vhdx::log::{decode_entry, LogEntry, LogEntryHeader, LogOp, LOG_SECTOR};
 
 use super::source::{Image, Overlay};
@@ -38,7 +38,7 @@ pub(crate) fn replay(img: &Image, h: &Header) -> Result<Replay, DiskError> {
             format!("log is dirty (LogGuid {}) but LogLength is 0", h.log_guid),
         ));
     }
-    if off < MIB || off % MIB != 0 || len % MIB != 0 {
+    if off < MIB || !is_aligned(off, MIB) || !is_aligned(len, MIB) {
         return Err(DiskError::corrupt(
             path,
             format!("log at {off} of {len} bytes is not 1 MiB aligned after the header section"),
@@ -47,7 +47,11 @@ pub(crate) fn replay(img: &Image, h: &Header) -> Result<Replay, DiskError> {
     if len > MAX_LOG {
         return Err(DiskError::unsupported(
             path,
-            format!("a {} log (this reader replays up to {})", human_size(len), human_size(MAX_LOG)),
+            format!(
+                "a {} log (this reader replays up to {})",
+                human_size(len),
+                human_size(MAX_LOG)
+            ),
         ));
     }
     if off.checked_add(len).is_none_or(|e| e > img.real_len()) {
@@ -60,14 +64,24 @@ pub(crate) fn replay(img: &Image, h: &Header) -> Result<Replay, DiskError> {
     let mut log = vec![0u8; len as usize];
     img.read_raw(off, &mut log)?;
 
-    let active = find_active(&log, h)
-        .ok_or_else(|| DiskError::corrupt(path, format!("log is dirty (LogGuid {}) but holds no valid entry sequence", h.log_guid)))?;
+    let active = find_active(&log, h).ok_or_else(|| {
+        DiskError::corrupt(
+            path,
+            format!(
+                "log is dirty (LogGuid {}) but holds no valid entry sequence",
+                h.log_guid
+            ),
+        )
+    })?;
     let head = &active[active.len() - 1].header;
     if head.flushed_file_offset > img.real_len() {
         return Err(DiskError::truncated(
             path,
             img.real_len(),
-            format!("its log says it was at least {} bytes (FlushedFileOffset)", head.flushed_file_offset),
+            format!(
+                "its log says it was at least {} bytes (FlushedFileOffset)",
+                head.flushed_file_offset
+            ),
         ));
     }
     let mut overlay = Overlay::default();
@@ -75,7 +89,10 @@ pub(crate) fn replay(img: &Image, h: &Header) -> Result<Replay, DiskError> {
     for entry in &active {
         for op in &entry.ops {
             match op {
-                LogOp::Zero { file_offset, length } => overlay.zero(*file_offset, *length),
+                LogOp::Zero {
+                    file_offset,
+                    length,
+                } => overlay.zero(*file_offset, *length),
                 LogOp::Data { file_offset, data } => {
                     data_extent = data_extent.max(file_offset.saturating_add(LOG_SECTOR as u64));
                     overlay.data(*file_offset, data.clone());
@@ -95,7 +112,7 @@ pub(crate) fn replay(img: &Image, h: &Header) -> Result<Replay, DiskError> {
 fn entry_at(log: &[u8], pos: usize, h: &Header) -> Option<LogEntry> {
     let eh = LogEntryHeader::parse(log.get(pos..)?).ok()?;
     let elen = eh.entry_length as usize;
-    if elen == 0 || elen % LOG_SECTOR != 0 || elen > log.len() {
+    if elen == 0 || !is_aligned(elen as u64, LOG_SECTOR as u64) || elen > log.len() {
         return None;
     }
     let bytes: std::borrow::Cow<[u8]> = if pos + elen <= log.len() {
@@ -122,7 +139,9 @@ fn find_active(log: &[u8], h: &Header) -> Option<Vec<LogEntry>> {
         let mut head = cur_tail;
         let mut covered = 0usize;
         while covered < n {
-            let Some(e) = entry_at(log, head, h) else { break };
+            let Some(e) = entry_at(log, head, h) else {
+                break;
+            };
             if let Some((_, last)) = seq.last() {
                 if e.header.sequence_number != last.header.sequence_number.wrapping_add(1) {
                     break;
@@ -137,9 +156,10 @@ fn find_active(log: &[u8], h: &Header) -> Option<Vec<LogEntry>> {
             head = (head + elen) % n;
         }
         // Valid if the head entry's tail is the start of one of its entries.
-        let tail_idx = seq
-            .last()
-            .and_then(|(_, last)| seq.iter().position(|(p, _)| *p == last.header.tail as usize));
+        let tail_idx = seq.last().and_then(|(_, last)| {
+            seq.iter()
+                .position(|(p, _)| *p == last.header.tail as usize)
+        });
         match tail_idx {
             Some(t) => {
                 let head_seq = seq[seq.len() - 1].1.header.sequence_number;
@@ -215,20 +235,21 @@ mod tests {
         let h = header(g);
         let mut log = vec![0u8; MIB as usize];
         // Old sequence at 0: seq 10, 11 (tail 0).
-        let a = encode_entry(10, 0, g, 0, 0, &[data_op(3 << 20, 1)]).unwrap();
-        let b = encode_entry(11, 0, g, 0, 0, &[data_op(3 << 20, 2)]).unwrap();
+        let a = encode_entry(10, 0, g, 0, 0, &[data_op(3 << 20, 1)]).expect("test value");
+        let b = encode_entry(11, 0, g, 0, 0, &[data_op(3 << 20, 2)]).expect("test value");
         put(&mut log, 0, &a);
         put(&mut log, a.len(), &b);
         // Newer sequence at 64K: seq 20 (already flushed), 21, 22 with tail at 21.
         let base = 64 * 1024;
-        let c = encode_entry(20, base as u32, g, 0, 0, &[data_op(3 << 20, 3)]).unwrap();
+        let c = encode_entry(20, base as u32, g, 0, 0, &[data_op(3 << 20, 3)]).expect("test value");
         let t = base + c.len();
-        let d = encode_entry(21, t as u32, g, 0, 0, &[data_op(3 << 20, 4)]).unwrap();
-        let e = encode_entry(22, t as u32, g, 0, 0, &[data_op((3 << 20) + 4096, 5)]).unwrap();
+        let d = encode_entry(21, t as u32, g, 0, 0, &[data_op(3 << 20, 4)]).expect("test value");
+        let e = encode_entry(22, t as u32, g, 0, 0, &[data_op((3 << 20) + 4096, 5)])
+            .expect("test value");
         put(&mut log, base, &c);
         put(&mut log, t, &d);
         put(&mut log, t + d.len(), &e);
-        let act = find_active(&log, &h).unwrap();
+        let act = find_active(&log, &h).expect("test value");
         assert_eq!(fills(&act), vec![(3 << 20, 4), ((3 << 20) + 4096, 5)]);
     }
 
@@ -238,12 +259,12 @@ mod tests {
         let h = header(g);
         let mut log = vec![0u8; MIB as usize];
         let start = MIB as usize - LOG_SECTOR; // entry of 2 sectors wraps
-        let a = encode_entry(5, start as u32, g, 0, 0, &[data_op(3 << 20, 7)]).unwrap();
+        let a = encode_entry(5, start as u32, g, 0, 0, &[data_op(3 << 20, 7)]).expect("test value");
         put(&mut log, start, &a);
         let next = (start + a.len()) % log.len();
-        let b = encode_entry(6, start as u32, g, 0, 0, &[data_op(4 << 20, 8)]).unwrap();
+        let b = encode_entry(6, start as u32, g, 0, 0, &[data_op(4 << 20, 8)]).expect("test value");
         put(&mut log, next, &b);
-        let act = find_active(&log, &h).unwrap();
+        let act = find_active(&log, &h).expect("test value");
         assert_eq!(fills(&act), vec![(3 << 20, 7), (4 << 20, 8)]);
     }
 
@@ -252,16 +273,17 @@ mod tests {
         let g = Guid::random();
         let h = header(g);
         let mut log = vec![0u8; MIB as usize];
-        let a = encode_entry(5, 0, g, 0, 0, &[data_op(3 << 20, 1)]).unwrap();
+        let a = encode_entry(5, 0, g, 0, 0, &[data_op(3 << 20, 1)]).expect("test value");
         // Gap in sequence numbers: 7 does not extend 5.
-        let b = encode_entry(7, 0, g, 0, 0, &[data_op(3 << 20, 2)]).unwrap();
+        let b = encode_entry(7, 0, g, 0, 0, &[data_op(3 << 20, 2)]).expect("test value");
         put(&mut log, 0, &a);
         put(&mut log, a.len(), &b);
         // A newer entry with another LogGuid.
-        let c = encode_entry(99, 16384, Guid::random(), 0, 0, &[data_op(3 << 20, 3)]).unwrap();
+        let c = encode_entry(99, 16384, Guid::random(), 0, 0, &[data_op(3 << 20, 3)])
+            .expect("test value");
         put(&mut log, 16384, &c);
         // Entry 7 alone has tail 0, which is not inside its own sequence.
-        let act = find_active(&log, &h).unwrap();
+        let act = find_active(&log, &h).expect("test value");
         assert_eq!(fills(&act), vec![(3 << 20, 1)]);
         // A corrupted CRC leaves nothing valid.
         log[100] ^= 1;
@@ -274,7 +296,7 @@ mod tests {
         let g = Guid::random();
         let h = header(g);
         let mut log = vec![0u8; MIB as usize];
-        let a = encode_entry(5, 8192 * 4, g, 0, 0, &[data_op(3 << 20, 1)]).unwrap();
+        let a = encode_entry(5, 8192 * 4, g, 0, 0, &[data_op(3 << 20, 1)]).expect("test value");
         put(&mut log, 0, &a);
         assert!(find_active(&log, &h).is_none());
     }

@@ -239,9 +239,14 @@ pub fn open_image_bytes(name: &str, bytes: Vec<u8>) -> Result<Box<dyn VirtualDis
 }
 
 pub(crate) fn human_size(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
     for (u, name) in UNITS {
-        if n >= u && n % u == 0 {
+        if n >= u && n & (u - 1) == 0 {
             return format!("{} {name}", n / u);
         }
     }

@@ -57,7 +57,12 @@ pub(crate) fn push_range(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {
 
 /// Runs of equal bits in an LSB-first (`lsb_first`) or MSB-first bitmap over
 /// `count` entries starting at entry `first`: yields (start entry, length, bit).
-pub(crate) fn bit_runs(bitmap: &[u8], first: u64, count: u64, lsb_first: bool) -> Vec<(u64, u64, bool)> {
+pub(crate) fn bit_runs(
+    bitmap: &[u8],
+    first: u64,
+    count: u64,
+    lsb_first: bool,
+) -> Vec<(u64, u64, bool)> {
     let bit = |i: u64| {
         let byte = bitmap[(i / 8) as usize];
         let shift = if lsb_first { i % 8 } else { 7 - i % 8 };
@@ -68,7 +73,7 @@ pub(crate) fn bit_runs(bitmap: &[u8], first: u64, count: u64, lsb_first: bool) -
     let end = first + count;
     while i < end {
         // Whole bytes of equal bits in one step.
-        if i % 8 == 0 && end - i >= 8 {
+        if i & 7 == 0 && end - i >= 8 {
             let byte = bitmap[(i / 8) as usize];
             if byte == 0 || byte == 0xff {
                 let b = byte == 0xff;
@@ -106,7 +111,18 @@ mod tests {
     fn runs_lsb_and_msb() {
         let bm = [0b0000_0110u8, 0xff, 0x00, 0x01];
         let r = bit_runs(&bm, 0, 32, true);
-        assert_eq!(r, vec![(0, 1, false), (1, 2, true), (3, 5, false), (8, 8, true), (16, 8, false), (24, 1, true), (25, 7, false)]);
+        assert_eq!(
+            r,
+            vec![
+                (0, 1, false),
+                (1, 2, true),
+                (3, 5, false),
+                (8, 8, true),
+                (16, 8, false),
+                (24, 1, true),
+                (25, 7, false)
+            ]
+        );
         let r = bit_runs(&bm, 0, 8, false);
         assert_eq!(r, vec![(0, 5, false), (5, 2, true), (7, 1, false)]);
         let r = bit_runs(&bm, 2, 9, true);

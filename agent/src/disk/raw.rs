@@ -24,7 +24,10 @@ impl VirtualDisk for RawDisk {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         let size = self.img.len();
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > size)
+        {
             return Err(DiskError::OutOfRange {
                 path: self.img.path.clone(),
                 offset,

@@ -103,7 +103,7 @@ impl Overlay {
 
     /// Data descriptor: the 4 KiB page at `start` (4 KiB aligned) holds `data`.
     pub(crate) fn data(&mut self, start: u64, data: Vec<u8>) {
-        let end = start + PAGE;
+        let end = start.saturating_add(PAGE);
         self.extent = self.extent.max(end);
         // Cut [start, end) out of the zero ranges.
         let overlapping: Vec<(u64, u64)> = self
@@ -142,9 +142,15 @@ impl Overlay {
                 return Ok(Err(ze));
             }
         }
-        let next_page = self.pages.range(page + PAGE..).next().map(|(k, _)| *k);
+        let next_page = self
+            .pages
+            .range(page.saturating_add(PAGE)..)
+            .next()
+            .map(|(k, _)| *k);
         let next_zero = self.zeros.range(pos..).next().map(|(k, _)| *k);
-        Err(next_page.unwrap_or(u64::MAX).min(next_zero.unwrap_or(u64::MAX)))
+        Err(next_page
+            .unwrap_or(u64::MAX)
+            .min(next_zero.unwrap_or(u64::MAX)))
     }
 }
 
@@ -288,7 +294,7 @@ mod tests {
         im.set_overlay(ov, 0);
         assert_eq!(im.len(), 73728);
         let mut all = vec![0u8; 73728];
-        im.read(0, &mut all).unwrap();
+        im.read(0, &mut all).expect("test value");
         let mut want = base.clone();
         want.resize(73728, 0);
         want[4096..20480].fill(0);
@@ -296,15 +302,21 @@ mod tests {
         want[40960..45056].fill(0);
         assert_eq!(all, want);
         // Unaligned reads agree with the whole.
-        for (o, l) in [(4000u64, 200usize), (8191, 2), (12287, 4098), (40959, 3), (65530, 8000)] {
+        for (o, l) in [
+            (4000u64, 200usize),
+            (8191, 2),
+            (12287, 4098),
+            (40959, 3),
+            (65530, 8000),
+        ] {
             let mut b = vec![0u8; l];
-            im.read(o, &mut b).unwrap();
+            im.read(o, &mut b).expect("test value");
             assert_eq!(b, &want[o as usize..o as usize + l], "at {o}+{l}");
         }
         assert!(im.read(73727, &mut [0u8; 2]).is_err());
         // Raw reads bypass the overlay.
         let mut raw = vec![0u8; 16];
-        im.read_raw(8192, &mut raw).unwrap();
+        im.read_raw(8192, &mut raw).expect("test value");
         assert_eq!(raw, &base[8192..8208]);
     }
 

@@ -51,7 +51,9 @@ fn parse_footer(b: &[u8]) -> Result<Footer, String> {
     let stored = be32(b, 64);
     let computed = checksum(&b[..FOOTER as usize], 64);
     if stored != computed {
-        return Err(format!("footer checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+        return Err(format!(
+            "footer checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+        ));
     }
     Ok(Footer {
         data_offset: be64(b, 16),
@@ -95,32 +97,51 @@ impl VhdDisk {
             Ok(f) => (f, len - FOOTER),
             Err(e_end) => match parse_footer(&start) {
                 Ok(f) if f.disk_type != 2 => {
-                    note = Some(format!("footer at end: {e_end}; using the copy at offset 0"));
+                    note = Some(format!(
+                        "footer at end: {e_end}; using the copy at offset 0"
+                    ));
                     (f, len)
                 }
                 Ok(_) | Err(_) => return Err(DiskError::corrupt(p, format!("VHD {e_end}"))),
             },
         };
         let size = footer.current_size;
-        if size % 512 != 0 {
-            return Err(DiskError::corrupt(p, format!("VHD size {size} is not a multiple of 512")));
+        if size & 511 != 0 {
+            return Err(DiskError::corrupt(
+                p,
+                format!("VHD size {size} is not a multiple of 512"),
+            ));
         }
         let kind = match footer.disk_type {
             2 => {
                 if size > data_end {
-                    return Err(DiskError::truncated(p, len, format!("a fixed VHD of {size} bytes needs {}", size + FOOTER)));
+                    return Err(DiskError::truncated(
+                        p,
+                        len,
+                        format!(
+                            "a fixed VHD of {size} bytes needs {}",
+                            size.saturating_add(FOOTER)
+                        ),
+                    ));
                 }
                 Kind::Fixed
             }
             3 => {
                 let doff = footer.data_offset;
                 if doff < FOOTER || doff.checked_add(DYN_HEADER).is_none_or(|e| e > len) {
-                    return Err(DiskError::truncated(p, len, format!("the dynamic header at {doff} needs 1024 bytes")));
+                    return Err(DiskError::truncated(
+                        p,
+                        len,
+                        format!("the dynamic header at {doff} needs 1024 bytes"),
+                    ));
                 }
                 let mut h = vec![0u8; DYN_HEADER as usize];
                 img.read_raw(doff, &mut h)?;
                 if &h[..8] != DYN_COOKIE {
-                    return Err(DiskError::corrupt(p, "dynamic header has no \"cxsparse\" cookie"));
+                    return Err(DiskError::corrupt(
+                        p,
+                        "dynamic header has no \"cxsparse\" cookie",
+                    ));
                 }
                 let (stored, computed) = (be32(&h, 36), checksum(&h, 36));
                 if stored != computed {
@@ -133,7 +154,10 @@ impl VhdDisk {
                 let entries = u64::from(be32(&h, 28));
                 let block_size = u64::from(be32(&h, 32));
                 if !block_size.is_power_of_two() || !(512..=(256 << 20)).contains(&block_size) {
-                    return Err(DiskError::corrupt(p, format!("VHD block size {block_size} is invalid")));
+                    return Err(DiskError::corrupt(
+                        p,
+                        format!("VHD block size {block_size} is invalid"),
+                    ));
                 }
                 let blocks = size.div_ceil(block_size);
                 if entries < blocks {
@@ -143,7 +167,11 @@ impl VhdDisk {
                     ));
                 }
                 if table.checked_add(blocks * 4).is_none_or(|e| e > len) {
-                    return Err(DiskError::truncated(p, len, format!("the BAT at {table} needs {} bytes", blocks * 4)));
+                    return Err(DiskError::truncated(
+                        p,
+                        len,
+                        format!("the BAT at {table} needs {} bytes", blocks * 4),
+                    ));
                 }
                 let mut raw = vec![0u8; (blocks * 4) as usize];
                 img.read_raw(table, &mut raw)?;
@@ -169,9 +197,19 @@ impl VhdDisk {
                 }
             }
             4 => return Err(DiskError::unsupported(p, "differencing VHD")),
-            t => return Err(DiskError::corrupt(p, format!("VHD disk type {t} is invalid"))),
+            t => {
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("VHD disk type {t} is invalid"),
+                ))
+            }
         };
-        Ok(VhdDisk { img, size, kind, note })
+        Ok(VhdDisk {
+            img,
+            size,
+            kind,
+            note,
+        })
     }
 }
 
@@ -188,7 +226,11 @@ impl VirtualDisk for VhdDisk {
 
     fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>, DiskError> {
         match &self.kind {
-            Kind::Fixed => Ok(if self.size > 0 { vec![(0, self.size)] } else { vec![] }),
+            Kind::Fixed => Ok(if self.size > 0 {
+                vec![(0, self.size)]
+            } else {
+                vec![]
+            }),
             Kind::Dynamic {
                 block_size,
                 bitmap_len,
@@ -214,7 +256,10 @@ impl VirtualDisk for VhdDisk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
             return Err(DiskError::OutOfRange {
                 path: self.img.path.clone(),
                 offset,
@@ -244,7 +289,9 @@ impl VirtualDisk for VhdDisk {
                 let base = u64::from(s) * 512;
                 let first = ib / 512;
                 let count = (ib + n as u64).div_ceil(512) - first;
-                let bm = self.img.read_vec(base + first / 8, (first + count).div_ceil(8) - first / 8)?;
+                let bm = self
+                    .img
+                    .read_vec(base + first / 8, (first + count).div_ceil(8) - first / 8)?;
                 for (f, l, set) in bit_runs(&bm, first % 8, count, false) {
                     let rs = ((first + f - first % 8) * 512).max(ib);
                     let re = ((first + f - first % 8 + l) * 512).min(ib + n as u64);
@@ -269,7 +316,10 @@ impl VirtualDisk for VhdDisk {
         let mut s = match &self.kind {
             Kind::Fixed => "fixed VHD, 512 B sectors".to_string(),
             Kind::Dynamic { block_size, .. } => {
-                format!("dynamic VHD, {} blocks, 512 B sectors", human_size(*block_size))
+                format!(
+                    "dynamic VHD, {} blocks, 512 B sectors",
+                    human_size(*block_size)
+                )
             }
         };
         if let Some(n) = &self.note {

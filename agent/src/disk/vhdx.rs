@@ -43,12 +43,19 @@ impl VhdxFile {
         let p = path.as_path();
         let real_len = img.real_len();
         if real_len < 8 {
-            return Err(DiskError::truncated(p, real_len, "the file identifier needs 8 bytes"));
+            return Err(DiskError::truncated(
+                p,
+                real_len,
+                "the file identifier needs 8 bytes",
+            ));
         }
         let mut sig = [0u8; 8];
         img.read_raw(0, &mut sig)?;
         if sig != FILE_SIGNATURE {
-            return Err(DiskError::corrupt(p, "no \"vhdxfile\" signature at offset 0"));
+            return Err(DiskError::corrupt(
+                p,
+                "no \"vhdxfile\" signature at offset 0",
+            ));
         }
         if real_len < HEADER_SECTION_SIZE {
             return Err(DiskError::truncated(
@@ -91,11 +98,17 @@ impl VhdxFile {
                 a
             }
             (Err(e1), Err(e2)) => {
-                return Err(DiskError::corrupt(p, format!("no valid header: {e1}; {e2}")));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("no valid header: {e1}; {e2}"),
+                ));
             }
         };
         if header.version != 1 {
-            return Err(DiskError::unsupported(p, format!("VHDX version {}", header.version)));
+            return Err(DiskError::unsupported(
+                p,
+                format!("VHDX version {}", header.version),
+            ));
         }
 
         // Log: replay in memory when dirty.
@@ -120,10 +133,12 @@ impl VhdxFile {
         }
         if header.log_length > 0 {
             let (lo, ll) = (header.log_offset, u64::from(header.log_length));
-            if lo < HEADER_SECTION_SIZE || lo % MIB != 0 || ll % MIB != 0 {
+            if lo < HEADER_SECTION_SIZE || !is_aligned(lo, MIB) || !is_aligned(ll, MIB) {
                 return Err(DiskError::corrupt(
                     p,
-                    format!("log at {lo} of {ll} bytes is not 1 MiB aligned after the header section"),
+                    format!(
+                        "log at {lo} of {ll} bytes is not 1 MiB aligned after the header section"
+                    ),
                 ));
             }
             areas.push(Area {
@@ -179,7 +194,11 @@ impl VhdxFile {
                 "unknown region"
             };
             let (start, rlen) = (e.file_offset, u64::from(e.length));
-            if start < HEADER_SECTION_SIZE || start % MIB != 0 || rlen == 0 || rlen % MIB != 0 {
+            if start < HEADER_SECTION_SIZE
+                || !is_aligned(start, MIB)
+                || rlen == 0
+                || !is_aligned(rlen, MIB)
+            {
                 return Err(DiskError::corrupt(
                     p,
                     format!("{name} at {start} of {rlen} bytes is not 1 MiB aligned after the header section"),
@@ -209,7 +228,10 @@ impl VhdxFile {
                 continue;
             };
             if slot.is_some() {
-                return Err(DiskError::corrupt(p, format!("region table lists the {name} twice")));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("region table lists the {name} twice"),
+                ));
             }
             *slot = Some((start, rlen));
         }
@@ -223,7 +245,10 @@ impl VhdxFile {
 
         // Metadata table and items.
         if meta_len < METADATA_TABLE_SIZE as u64 {
-            return Err(DiskError::corrupt(p, "metadata region is smaller than its 64 KiB table"));
+            return Err(DiskError::corrupt(
+                p,
+                "metadata region is smaller than its 64 KiB table",
+            ));
         }
         let table = img.read_vec(meta_off, METADATA_TABLE_SIZE as u64)?;
         let mt = MetadataTable::parse(&table)
@@ -243,43 +268,66 @@ impl VhdxFile {
                 .iter()
                 .any(|o| o.item_id == e.item_id && o.is_user == e.is_user)
             {
-                return Err(DiskError::corrupt(p, format!("metadata item {} appears twice", e.item_id)));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("metadata item {} appears twice", e.item_id),
+                ));
             }
             let (off, ilen) = (u64::from(e.offset), u64::from(e.length));
             if ilen == 0 {
                 if off != 0 {
-                    return Err(DiskError::corrupt(p, format!("metadata item {} is empty but has offset {off}", e.item_id)));
+                    return Err(DiskError::corrupt(
+                        p,
+                        format!("metadata item {} is empty but has offset {off}", e.item_id),
+                    ));
                 }
-            } else if off < METADATA_TABLE_SIZE as u64 || ilen > u64::from(MAX_METADATA_ITEM) || off + ilen > meta_len {
+            } else if off < METADATA_TABLE_SIZE as u64
+                || ilen > u64::from(MAX_METADATA_ITEM)
+                || off + ilen > meta_len
+            {
                 return Err(DiskError::corrupt(
                     p,
                     format!("metadata item {} at {off} of {ilen} bytes lies outside the metadata region", e.item_id),
                 ));
             } else {
                 if items.iter().any(|&(s, l)| off < s + l && s < off + ilen) {
-                    return Err(DiskError::corrupt(p, format!("metadata item {} overlaps another item", e.item_id)));
+                    return Err(DiskError::corrupt(
+                        p,
+                        format!("metadata item {} overlaps another item", e.item_id),
+                    ));
                 }
                 items.push((off, ilen));
             }
-            let k = known.iter().position(|(g, _, _)| *g == e.item_id && !e.is_user);
+            let k = known
+                .iter()
+                .position(|(g, _, _)| *g == e.item_id && !e.is_user);
             match k {
                 Some(k) => {
                     let (_, name, min) = known[k];
                     if ilen < u64::from(min) {
-                        return Err(DiskError::corrupt(p, format!("metadata item {name} is {ilen} bytes, needs {min}")));
+                        return Err(DiskError::corrupt(
+                            p,
+                            format!("metadata item {name} is {ilen} bytes, needs {min}"),
+                        ));
                     }
                     found[k] = Some(img.read_vec(meta_off + off, ilen)?);
                 }
                 None if e.is_required => {
-                    return Err(DiskError::unsupported(p, format!("required metadata item {} is unknown", e.item_id)));
+                    return Err(DiskError::unsupported(
+                        p,
+                        format!("required metadata item {} is unknown", e.item_id),
+                    ));
                 }
                 None => {}
             }
         }
         let item = |k: usize| -> Result<&Vec<u8>, DiskError> {
-            found[k].as_ref().ok_or_else(|| DiskError::corrupt(p, format!("metadata item {} is missing", known[k].1)))
+            found[k].as_ref().ok_or_else(|| {
+                DiskError::corrupt(p, format!("metadata item {} is missing", known[k].1))
+            })
         };
-        let params = FileParameters::parse(item(0)?).map_err(|e| DiskError::corrupt(p, format!("file parameters {e}")))?;
+        let params = FileParameters::parse(item(0)?)
+            .map_err(|e| DiskError::corrupt(p, format!("file parameters {e}")))?;
         let virtual_size = le(item(1)?, 8);
         item(2)?; // virtual disk id: required, not used for reading
         let lss = le(item(3)?, 4) as u32;
@@ -287,17 +335,30 @@ impl VhdxFile {
         let geo = Geometry::new(virtual_size, params.block_size, lss, params.has_parent)
             .map_err(|e| DiskError::corrupt(p, e.to_string()))?;
         if pss != 512 && pss != 4096 {
-            return Err(DiskError::corrupt(p, format!("physical sector size {pss} is neither 512 nor 4096")));
+            return Err(DiskError::corrupt(
+                p,
+                format!("physical sector size {pss} is neither 512 nor 4096"),
+            ));
         }
         let parent_locator = match (&found[5], params.has_parent) {
             (Some(b), true) => {
-                let pl = ParentLocator::parse(b).map_err(|e: StructError| DiskError::corrupt(p, format!("parent locator {e}")))?;
+                let pl = ParentLocator::parse(b).map_err(|e: StructError| {
+                    DiskError::corrupt(p, format!("parent locator {e}"))
+                })?;
                 if pl.locator_type != VHDX_PARENT_LOCATOR_TYPE {
-                    return Err(DiskError::unsupported(p, format!("parent locator type {}", pl.locator_type)));
+                    return Err(DiskError::unsupported(
+                        p,
+                        format!("parent locator type {}", pl.locator_type),
+                    ));
                 }
                 Some(pl)
             }
-            (None, true) => return Err(DiskError::corrupt(p, "differencing disk without a parent locator")),
+            (None, true) => {
+                return Err(DiskError::corrupt(
+                    p,
+                    "differencing disk without a parent locator",
+                ))
+            }
             (_, false) => None,
         };
 
@@ -306,7 +367,10 @@ impl VhdxFile {
         if bat_bytes > bat_len {
             return Err(DiskError::corrupt(
                 p,
-                format!("BAT region of {bat_len} bytes is too small for {} entries", geo.bat_entries),
+                format!(
+                    "BAT region of {bat_len} bytes is too small for {} entries",
+                    geo.bat_entries
+                ),
             ));
         }
         let raw_bat = img.read_vec(bat_off, bat_bytes)?;
@@ -326,7 +390,12 @@ impl VhdxFile {
                 match e.state() {
                     SB_BLOCK_NOT_PRESENT => continue,
                     SB_BLOCK_PRESENT => (SECTOR_BITMAP_BLOCK_SIZE, "sector bitmap"),
-                    s => return Err(DiskError::corrupt(p, format!("BAT entry {i} has invalid sector bitmap state {s}"))),
+                    s => {
+                        return Err(DiskError::corrupt(
+                            p,
+                            format!("BAT entry {i} has invalid sector bitmap state {s}"),
+                        ))
+                    }
                 }
             } else {
                 let block = geo.block_of_bat_index(i);
@@ -334,13 +403,25 @@ impl VhdxFile {
                     continue; // padding of the last chunk in a differencing file
                 }
                 match e.state() {
-                    PAYLOAD_BLOCK_NOT_PRESENT | PAYLOAD_BLOCK_UNDEFINED | PAYLOAD_BLOCK_ZERO | PAYLOAD_BLOCK_UNMAPPED => continue,
+                    PAYLOAD_BLOCK_NOT_PRESENT
+                    | PAYLOAD_BLOCK_UNDEFINED
+                    | PAYLOAD_BLOCK_ZERO
+                    | PAYLOAD_BLOCK_UNMAPPED => continue,
                     PAYLOAD_BLOCK_FULLY_PRESENT => (geo.block_len(block), "payload block"),
                     PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                         if !geo.has_parent {
-                            return Err(DiskError::corrupt(p, format!("BAT entry {i} is PARTIALLY_PRESENT in a disk without parent")));
+                            return Err(DiskError::corrupt(
+                                p,
+                                format!(
+                                    "BAT entry {i} is PARTIALLY_PRESENT in a disk without parent"
+                                ),
+                            ));
                         }
-                        let sb = BatEntry(bat.get(geo.bitmap_bat_index(block / geo.chunk_ratio) as usize).copied().unwrap_or(0));
+                        let sb = BatEntry(
+                            bat.get(geo.bitmap_bat_index(block / geo.chunk_ratio) as usize)
+                                .copied()
+                                .unwrap_or(0),
+                        );
                         if sb.state() != SB_BLOCK_PRESENT {
                             return Err(DiskError::corrupt(
                                 p,
@@ -349,26 +430,40 @@ impl VhdxFile {
                         }
                         (geo.block_len(block), "payload block")
                     }
-                    s => return Err(DiskError::corrupt(p, format!("BAT entry {i} has reserved state {s}"))),
+                    s => {
+                        return Err(DiskError::corrupt(
+                            p,
+                            format!("BAT entry {i} has reserved state {s}"),
+                        ))
+                    }
                 }
             };
             let start = e.file_offset();
-            let end = start + len_needed;
+            let end = start.saturating_add(len_needed);
             if start < HEADER_SECTION_SIZE {
-                return Err(DiskError::corrupt(p, format!("BAT entry {i} points into the header section")));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("BAT entry {i} points into the header section"),
+                ));
             }
-            if end > len {
+            if end > len || end == u64::MAX {
                 return Err(DiskError::corrupt(p, format!("BAT entry {i} points beyond end of file ({what} at {start}, file is {len} bytes)")));
             }
             if let Some(a) = areas.iter().find(|a| overlap(a, start, end)) {
-                return Err(DiskError::corrupt(p, format!("BAT entry {i} ({what} at {start}) overlaps {}", a.name)));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("BAT entry {i} ({what} at {start}) overlaps {}", a.name),
+                ));
             }
             blocks.push((start, end, i));
         }
         blocks.sort_unstable();
         for w in blocks.windows(2) {
             if w[1].0 < w[0].1 {
-                return Err(DiskError::corrupt(p, format!("BAT entries {} and {} overlap", w[0].2, w[1].2)));
+                return Err(DiskError::corrupt(
+                    p,
+                    format!("BAT entries {} and {} overlap", w[0].2, w[1].2),
+                ));
             }
         }
         Ok(VhdxFile {
@@ -408,7 +503,10 @@ impl VhdxFile {
             self.geo.logical_sector_size
         );
         if self.replayed_entries > 0 {
-            s += &format!(", dirty log replayed in memory ({} entries)", self.replayed_entries);
+            s += &format!(
+                ", dirty log replayed in memory ({} entries)",
+                self.replayed_entries
+            );
         }
         for n in &self.notes {
             s += &format!(" ({n})");
@@ -419,7 +517,8 @@ impl VhdxFile {
     /// Sector-bitmap bits for `count` sectors from sector `first` of `block`:
     /// returns the bytes and the bit index of `first` in them.
     fn bitmap(&self, block: u64, first: u64, count: u64) -> Result<(Vec<u8>, u64), DiskError> {
-        let sb = BatEntry(self.bat[self.geo.bitmap_bat_index(block / self.geo.chunk_ratio) as usize]);
+        let sb =
+            BatEntry(self.bat[self.geo.bitmap_bat_index(block / self.geo.chunk_ratio) as usize]);
         let bit0 = (block % self.geo.chunk_ratio) * self.geo.sectors_per_block() + first;
         let (b0, b1) = (bit0 / 8, (bit0 + count).div_ceil(8));
         let bytes = self.img.read_vec(sb.file_offset() + b0, b1 - b0)?;
@@ -427,7 +526,12 @@ impl VhdxFile {
     }
 
     /// Reads virtual bytes; `parent` serves what this file passes through.
-    pub(crate) fn read(&self, offset: u64, buf: &mut [u8], parent: Option<&dyn VirtualDisk>) -> Result<(), DiskError> {
+    pub(crate) fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        parent: Option<&dyn VirtualDisk>,
+    ) -> Result<(), DiskError> {
         let bs = u64::from(self.geo.block_size);
         let lss = u64::from(self.geo.logical_sector_size);
         let mut done = 0usize;
@@ -486,7 +590,9 @@ impl VhdxFile {
                         push_range(if here { &mut present } else { &mut pass }, rs, rl);
                     }
                 }
-                PAYLOAD_BLOCK_NOT_PRESENT if self.geo.has_parent => push_range(&mut pass, start, blen),
+                PAYLOAD_BLOCK_NOT_PRESENT if self.geo.has_parent => {
+                    push_range(&mut pass, start, blen)
+                }
                 PAYLOAD_BLOCK_NOT_PRESENT => {}
                 _ if self.geo.has_parent => push_range(&mut hidden, start, blen),
                 _ => {}
@@ -508,7 +614,11 @@ fn le(b: &[u8], n: usize) -> u64 {
 }
 
 /// Reads from the parent; bytes beyond the parent's size (or with no parent) read as zeros.
-pub(crate) fn read_parent(parent: Option<&dyn VirtualDisk>, pos: u64, out: &mut [u8]) -> Result<(), DiskError> {
+pub(crate) fn read_parent(
+    parent: Option<&dyn VirtualDisk>,
+    pos: u64,
+    out: &mut [u8],
+) -> Result<(), DiskError> {
     let Some(parent) = parent else {
         out.fill(0);
         return Ok(());

@@ -15,7 +15,10 @@ use tierback_agent::disk::VirtualDisk;
 
 /// PATH plus the sbin directories where mkfs tools live on Debian.
 pub fn path_env() -> String {
-    format!("{}:/usr/sbin:/sbin", std::env::var("PATH").unwrap_or_default())
+    format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 /// Panics (test failure) if `cmd` is not installed, naming the Debian package.
@@ -23,7 +26,10 @@ pub fn require_tool(cmd: &str, package: &str) {
     let found = path_env()
         .split(':')
         .any(|d| !d.is_empty() && Path::new(d).join(cmd).is_file());
-    assert!(found, "required tool `{cmd}` is missing: install the Debian package `{package}`");
+    assert!(
+        found,
+        "required tool `{cmd}` is missing: install the Debian package `{package}`"
+    );
 }
 
 /// Runs a command, panicking with its output if it fails; returns stdout.
@@ -52,7 +58,11 @@ pub fn try_run(cmd: &str, args: &[&str]) -> (bool, String) {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     (
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -65,7 +75,19 @@ pub fn qemu_check(fmt: &str, file: &Path) {
 /// `qemu-img compare` of a raw image and another image must report them identical.
 pub fn qemu_compare(raw: &Path, fmt: &str, file: &Path) {
     require_tool("qemu-img", "qemu-utils");
-    run("qemu-img", &["compare", "-q", "-f", "raw", "-F", fmt, path_str(raw), path_str(file)]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            fmt,
+            path_str(raw),
+            path_str(file),
+        ],
+    );
 }
 
 pub fn path_str(p: &Path) -> &str {
@@ -106,7 +128,10 @@ pub fn kit() -> &'static Path {
             require_tool(cmd, pkg);
         }
         let exe = std::env::current_exe().expect("test binary path");
-        let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("disk-tests");
+        let name = exe
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("disk-tests");
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("disk-kit-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create kit dir");
@@ -136,7 +161,9 @@ pub fn assert_matches_raw(disk: &dyn VirtualDisk, raw: &Path, label: &str) {
     let f = File::open(raw).expect("open raw");
     let size = f.metadata().expect("metadata").len();
     assert_eq!(disk.virtual_size(), size, "{label}: virtual size");
-    let ranges = disk.allocated_ranges().unwrap_or_else(|e| panic!("{label}: {e}"));
+    let ranges = disk
+        .allocated_ranges()
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     check_ranges_shape(&ranges, size, label);
     let mut pos = 0u64;
     for &(off, len) in &ranges {
@@ -145,7 +172,8 @@ pub fn assert_matches_raw(disk: &dyn VirtualDisk, raw: &Path, label: &str) {
         while o < off + len {
             let n = STEP.min(off + len - o) as usize;
             let mut got = vec![0u8; n];
-            disk.read_at(o, &mut got).unwrap_or_else(|e| panic!("{label}: read at {o}: {e}"));
+            disk.read_at(o, &mut got)
+                .unwrap_or_else(|e| panic!("{label}: read at {o}: {e}"));
             let want = read_file_at(&f, o, n);
             if got != want {
                 let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
@@ -171,7 +199,10 @@ fn assert_zero_in_raw(f: &File, from: u64, to: u64, label: &str) {
         let b = read_file_at(f, o, n);
         if !is_zero(&b) {
             let i = b.iter().position(|&x| x != 0).unwrap_or(0);
-            panic!("{label}: raw byte {} is non-zero but outside allocated_ranges", o + i as u64);
+            panic!(
+                "{label}: raw byte {} is non-zero but outside allocated_ranges",
+                o + i as u64
+            );
         }
         o += n as u64;
     }
@@ -180,17 +211,27 @@ fn assert_zero_in_raw(f: &File, from: u64, to: u64, label: &str) {
 /// Ranges are sorted, non-empty, non-overlapping, non-adjacent, inside `size`.
 pub fn check_ranges_shape(ranges: &[(u64, u64)], size: u64, label: &str) {
     for w in ranges.windows(2) {
-        assert!(w[0].0 + w[0].1 < w[1].0, "{label}: ranges not sorted/merged: {w:?}");
+        assert!(
+            w[0].0 + w[0].1 < w[1].0,
+            "{label}: ranges not sorted/merged: {w:?}"
+        );
     }
     for r in ranges {
-        assert!(r.1 > 0 && r.0 + r.1 <= size, "{label}: bad range {r:?} (size {size})");
+        assert!(
+            r.1 > 0 && r.0 + r.1 <= size,
+            "{label}: bad range {r:?} (size {size})"
+        );
     }
 }
 
 /// Checks a disk against expected bytes in memory (whole disk) and its
 /// allocated ranges against them.
 pub fn assert_matches_bytes(disk: &dyn VirtualDisk, want: &[u8], label: &str) {
-    assert_eq!(disk.virtual_size(), want.len() as u64, "{label}: virtual size");
+    assert_eq!(
+        disk.virtual_size(),
+        want.len() as u64,
+        "{label}: virtual size"
+    );
     let mut got = vec![0u8; want.len()];
     for (i, chunk) in got.chunks_mut(STEP as usize).enumerate() {
         disk.read_at(i as u64 * STEP, chunk)
@@ -198,16 +239,27 @@ pub fn assert_matches_bytes(disk: &dyn VirtualDisk, want: &[u8], label: &str) {
     }
     if got != want {
         let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-        panic!("{label}: byte {i} is {:#04x}, expected {:#04x}", got[i], want[i]);
+        panic!(
+            "{label}: byte {i} is {:#04x}, expected {:#04x}",
+            got[i], want[i]
+        );
     }
-    let ranges = disk.allocated_ranges().unwrap_or_else(|e| panic!("{label}: {e}"));
+    let ranges = disk
+        .allocated_ranges()
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     check_ranges_shape(&ranges, want.len() as u64, label);
     let mut pos = 0usize;
-    for &(off, len) in ranges.iter().chain(std::iter::once(&(want.len() as u64, 0))) {
+    for &(off, len) in ranges
+        .iter()
+        .chain(std::iter::once(&(want.len() as u64, 0)))
+    {
         let gap = &want[pos..off as usize];
         if !is_zero(gap) {
             let i = gap.iter().position(|&x| x != 0).unwrap_or(0);
-            panic!("{label}: byte {} is non-zero but outside allocated_ranges", pos + i);
+            panic!(
+                "{label}: byte {} is non-zero but outside allocated_ranges",
+                pos + i
+            );
         }
         pos = (off + len) as usize;
     }
@@ -217,7 +269,11 @@ pub fn assert_matches_bytes(disk: &dyn VirtualDisk, want: &[u8], label: &str) {
 pub fn fingerprint(p: &Path) -> (blake3::Hash, std::time::SystemTime, u64) {
     let bytes = std::fs::read(p).expect("read file");
     let md = std::fs::metadata(p).expect("metadata");
-    (blake3::hash(&bytes), md.modified().expect("mtime"), md.len())
+    (
+        blake3::hash(&bytes),
+        md.modified().expect("mtime"),
+        md.len(),
+    )
 }
 
 /// The current header's DataWriteGuid of a VHDX file, parsed with the format

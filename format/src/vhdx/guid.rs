@@ -83,7 +83,10 @@ impl Guid {
         if parts.len() != 5 || parts.iter().zip(lens).any(|(p, l)| p.len() != l) {
             return Err(err());
         }
-        if !parts.iter().all(|p| p.bytes().all(|c| c.is_ascii_hexdigit())) {
+        if !parts
+            .iter()
+            .all(|p| p.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
             return Err(err());
         }
         let d1 = u32::from_str_radix(parts[0], 16).map_err(|_| err())?;
@@ -132,7 +135,7 @@ mod tests {
     fn bat_region_guid_on_disk_order() {
         // Known answer: 2DC27766-F623-4200-9D64-115E9BFD4A08 as bytes in a
         // qemu-made file (66 77 c2 2d 23 f6 00 42 9d 64 11 5e 9b fd 4a 08).
-        let g = Guid::parse("2DC27766-F623-4200-9D64-115E9BFD4A08").unwrap();
+        let g = Guid::parse("2DC27766-F623-4200-9D64-115E9BFD4A08").expect("test value");
         assert_eq!(
             g.to_bytes(),
             [
@@ -141,12 +144,19 @@ mod tests {
             ]
         );
         assert_eq!(g.to_string(), "{2dc27766-f623-4200-9d64-115e9bfd4a08}");
-        assert_eq!(Guid::parse(&g.to_string()).unwrap(), g);
+        assert_eq!(Guid::parse(&g.to_string()).expect("test value"), g);
     }
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "{}", "2DC27766F6234200", "{2DC27766-F623-4200-9D64-115E9BFD4A08", "zzzzzzzz-f623-4200-9d64-115e9bfd4a08", "2dc27766-+623-4200-9d64-115e9bfd4a08"] {
+        for s in [
+            "",
+            "{}",
+            "2DC27766F6234200",
+            "{2DC27766-F623-4200-9D64-115E9BFD4A08",
+            "zzzzzzzz-f623-4200-9d64-115e9bfd4a08",
+            "2dc27766-+623-4200-9d64-115e9bfd4a08",
+        ] {
             assert!(Guid::parse(s).is_err(), "{s}");
         }
     }

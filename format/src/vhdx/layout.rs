@@ -132,6 +132,12 @@ pub fn crc32c_with_zeroed_field(buf: &[u8], field: usize) -> u32 {
     crc32c::crc32c_append(crc, &buf[field + 4..])
 }
 
+/// True if `x` is a multiple of `align`, which must be a power of two.
+pub fn is_aligned(x: u64, align: u64) -> bool {
+    debug_assert!(align.is_power_of_two());
+    x & align.wrapping_sub(1) == 0
+}
+
 /// Computes the checksum of `buf` (field at `field` zeroed) and stores it there.
 pub fn store_crc32c(buf: &mut [u8], field: usize) {
     buf[field..field + 4].fill(0);
@@ -438,7 +444,7 @@ pub struct ParentLocator {
 }
 
 fn utf16le(buf: &[u8], what: &str) -> Result<String, StructError> {
-    if buf.len() % 2 != 0 {
+    if buf.len() & 1 != 0 {
         return Err(StructError::Invalid(format!(
             "parent locator {what} has odd byte length {}",
             buf.len()
@@ -622,7 +628,8 @@ impl Geometry {
         logical_sector_size: u32,
         has_parent: bool,
     ) -> Result<Geometry, StructError> {
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
             return Err(StructError::Invalid(format!(
                 "block size {block_size} is not a power of two between 1 MiB and 256 MiB"
             )));
@@ -637,12 +644,13 @@ impl Geometry {
                 "virtual disk size {virtual_size} is outside 1 B..64 TiB"
             )));
         }
-        if virtual_size % u64::from(logical_sector_size) != 0 {
+        if !is_aligned(virtual_size, u64::from(logical_sector_size)) {
             return Err(StructError::Invalid(format!(
                 "virtual disk size {virtual_size} is not a multiple of the {logical_sector_size}-byte logical sector"
             )));
         }
-        let chunk_ratio = SECTORS_PER_BITMAP_BLOCK * u64::from(logical_sector_size) / u64::from(block_size);
+        let chunk_ratio =
+            SECTORS_PER_BITMAP_BLOCK * u64::from(logical_sector_size) / u64::from(block_size);
         let data_blocks = virtual_size.div_ceil(u64::from(block_size));
         let sector_bitmap_blocks = data_blocks.div_ceil(chunk_ratio);
         let bat_entries = if has_parent {
@@ -714,7 +722,7 @@ mod tests {
     #[test]
     fn geometry_matches_spec_formulas() {
         // 512 B sectors, 32 MiB blocks: chunk ratio 2^23*512/2^25 = 128.
-        let g = Geometry::new(10 << 30, 32 << 20, 512, false).unwrap();
+        let g = Geometry::new(10 << 30, 32 << 20, 512, false).expect("test value");
         assert_eq!(g.chunk_ratio, 128);
         assert_eq!(g.data_blocks, 320);
         assert_eq!(g.bat_entries, 320 + 319 / 128);
@@ -723,11 +731,11 @@ mod tests {
         assert!(g.is_bitmap_index(128));
         assert_eq!(g.bitmap_bat_index(0), 128);
         assert_eq!(g.block_of_bat_index(129), 128);
-        let d = Geometry::new(10 << 30, 32 << 20, 512, true).unwrap();
+        let d = Geometry::new(10 << 30, 32 << 20, 512, true).expect("test value");
         assert_eq!(d.sector_bitmap_blocks, 3);
         assert_eq!(d.bat_entries, 3 * 129);
         // 4 KiB sectors, 1 MiB blocks: 2^23*4096/2^20 = 32768.
-        let g4 = Geometry::new(1 << 30, 1 << 20, 4096, false).unwrap();
+        let g4 = Geometry::new(1 << 30, 1 << 20, 4096, false).expect("test value");
         assert_eq!(g4.chunk_ratio, 32768);
         assert!(Geometry::new(1 << 20, 3 << 20, 512, false).is_err());
         assert!(Geometry::new(1000, 1 << 20, 512, false).is_err());
@@ -748,10 +756,16 @@ mod tests {
             log_offset: 1 << 20,
         };
         let mut b = h.encode();
-        assert_eq!(Header::parse(&b).unwrap(), h);
+        assert_eq!(Header::parse(&b).expect("test value"), h);
         b[100] ^= 1;
-        assert!(matches!(Header::parse(&b), Err(StructError::BadChecksum { .. })));
-        assert!(matches!(Header::parse(&b[..100]), Err(StructError::TooShort { .. })));
+        assert!(matches!(
+            Header::parse(&b),
+            Err(StructError::BadChecksum { .. })
+        ));
+        assert!(matches!(
+            Header::parse(&b[..100]),
+            Err(StructError::TooShort { .. })
+        ));
     }
 
     #[test]
@@ -760,7 +774,10 @@ mod tests {
         assert_eq!(crc32c_with_zeroed_field(&[0u8; 32], 4), 0x8A91_36AA);
         let mut b = [0xffu8; 32];
         b[4..8].fill(0);
-        assert_eq!(crc32c_with_zeroed_field(&[0xffu8; 32], 4), crc32c::crc32c(&b));
+        assert_eq!(
+            crc32c_with_zeroed_field(&[0xffu8; 32], 4),
+            crc32c::crc32c(&b)
+        );
     }
 
     #[test]
@@ -773,7 +790,7 @@ mod tests {
             ],
         };
         let b = pl.encode();
-        assert_eq!(ParentLocator::parse(&b).unwrap(), pl);
+        assert_eq!(ParentLocator::parse(&b).expect("test value"), pl);
         assert_eq!(pl.get("relative_path"), Some(r".\base.vhdx"));
         for cut in 0..b.len() {
             assert!(ParentLocator::parse(&b[..cut]).is_err());

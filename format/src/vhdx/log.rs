@@ -7,7 +7,7 @@
 //! operations and back.
 
 use super::guid::Guid;
-use super::layout::{guid_at, le_u32, le_u64, store_crc32c};
+use super::layout::{guid_at, is_aligned, le_u32, le_u64, store_crc32c};
 use super::StructError;
 
 /// Log sector size: entries, descriptors and data sectors are in 4 KiB units.
@@ -133,7 +133,7 @@ fn invalid(msg: String) -> StructError {
 pub fn decode_entry(entry: &[u8], log_guid: Guid) -> Result<LogEntry, StructError> {
     let h = LogEntryHeader::parse(entry)?;
     let len = h.entry_length as usize;
-    if len == 0 || len % LOG_SECTOR != 0 {
+    if len == 0 || !is_aligned(len as u64, LOG_SECTOR as u64) {
         return Err(invalid(format!(
             "log entry length {} is not a positive multiple of 4 KiB",
             h.entry_length
@@ -155,8 +155,11 @@ pub fn decode_entry(entry: &[u8], log_guid: Guid) -> Result<LogEntry, StructErro
             h.log_guid, log_guid
         )));
     }
-    if h.tail as usize % LOG_SECTOR != 0 {
-        return Err(invalid(format!("log entry tail {} is not 4 KiB aligned", h.tail)));
+    if !is_aligned(u64::from(h.tail), LOG_SECTOR as u64) {
+        return Err(invalid(format!(
+            "log entry tail {} is not 4 KiB aligned",
+            h.tail
+        )));
     }
     let desc_sectors = descriptor_sectors(h.descriptor_count);
     let total_sectors = (len / LOG_SECTOR) as u64;
@@ -184,14 +187,16 @@ pub fn decode_entry(entry: &[u8], log_guid: Guid) -> Result<LogEntry, StructErro
                 h.sequence_number
             )));
         }
-        if file_offset % LOG_SECTOR as u64 != 0 {
+        if !is_aligned(file_offset, LOG_SECTOR as u64)
+            || file_offset.checked_add(LOG_SECTOR as u64).is_none()
+        {
             return Err(invalid(format!(
-                "log descriptor {i} file offset {file_offset} is not 4 KiB aligned"
+                "log descriptor {i} file offset {file_offset} is not 4 KiB aligned or too large"
             )));
         }
         if d[..4] == ZERO_SIGNATURE {
             let length = le_u64(d, 8);
-            if length % LOG_SECTOR as u64 != 0 || file_offset.checked_add(length).is_none() {
+            if !is_aligned(length, LOG_SECTOR as u64) || file_offset.checked_add(length).is_none() {
                 return Err(invalid(format!(
                     "log zero descriptor {i} length {length} is invalid"
                 )));
@@ -248,7 +253,10 @@ pub fn encode_entry(
     ops: &[LogOp],
 ) -> Result<Vec<u8>, StructError> {
     let count = u32::try_from(ops.len()).map_err(|_| invalid("too many log descriptors".into()))?;
-    let data_count = ops.iter().filter(|o| matches!(o, LogOp::Data { .. })).count() as u64;
+    let data_count = ops
+        .iter()
+        .filter(|o| matches!(o, LogOp::Data { .. }))
+        .count() as u64;
     let desc_sectors = descriptor_sectors(count);
     let len = (desc_sectors + data_count) * LOG_SECTOR as u64;
     let entry_length = u32::try_from(len).map_err(|_| invalid("log entry too long".into()))?;
@@ -273,7 +281,9 @@ pub fn encode_entry(
                 file_offset,
                 length,
             } => {
-                if file_offset % LOG_SECTOR as u64 != 0 || length % LOG_SECTOR as u64 != 0 {
+                if !is_aligned(*file_offset, LOG_SECTOR as u64)
+                    || !is_aligned(*length, LOG_SECTOR as u64)
+                {
                     return Err(invalid("zero descriptor not 4 KiB aligned".into()));
                 }
                 b[at..at + 4].copy_from_slice(&ZERO_SIGNATURE);
@@ -281,8 +291,10 @@ pub fn encode_entry(
                 b[at + 16..at + 24].copy_from_slice(&file_offset.to_le_bytes());
             }
             LogOp::Data { file_offset, data } => {
-                if file_offset % LOG_SECTOR as u64 != 0 || data.len() != LOG_SECTOR {
-                    return Err(invalid("data descriptor not one aligned 4 KiB sector".into()));
+                if !is_aligned(*file_offset, LOG_SECTOR as u64) || data.len() != LOG_SECTOR {
+                    return Err(invalid(
+                        "data descriptor not one aligned 4 KiB sector".into(),
+                    ));
                 }
                 b[at..at + 4].copy_from_slice(&DATA_DESC_SIGNATURE);
                 b[at + 4..at + 8].copy_from_slice(&data[4092..4096]);
@@ -324,9 +336,10 @@ mod tests {
     #[test]
     fn roundtrip() {
         let g = Guid::random();
-        let b = encode_entry(0x1_0000_0005, 0, g, 8 << 20, 8 << 20, &sample_ops()).unwrap();
+        let b =
+            encode_entry(0x1_0000_0005, 0, g, 8 << 20, 8 << 20, &sample_ops()).expect("test value");
         assert_eq!(b.len(), 2 * LOG_SECTOR);
-        let e = decode_entry(&b, g).unwrap();
+        let e = decode_entry(&b, g).expect("test value");
         assert_eq!(e.ops, sample_ops());
         assert_eq!(e.header.sequence_number, 0x1_0000_0005);
     }
@@ -343,7 +356,7 @@ mod tests {
     #[test]
     fn every_corruption_is_detected() {
         let g = Guid::random();
-        let b = encode_entry(9, 0, g, 8 << 20, 8 << 20, &sample_ops()).unwrap();
+        let b = encode_entry(9, 0, g, 8 << 20, 8 << 20, &sample_ops()).expect("test value");
         assert!(decode_entry(&b, Guid::random()).is_err(), "foreign LogGuid");
         for i in (0..b.len()).step_by(97) {
             let mut c = b.clone();

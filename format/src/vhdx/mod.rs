@@ -8,12 +8,12 @@
 //! VM disks (headers, log replay in memory, BAT, chains, legacy VHD) lives in
 //! the agent (`tierback_agent::disk`) and uses the structures defined here.
 //!
-//! - [`guid`]: [`Guid`], mixed-endian as stored on disk.
-//! - [`layout`]: file identifier, headers, region table, metadata table and
+//! - [`guid`] — [`Guid`], mixed-endian as stored on disk.
+//! - [`layout`] — file identifier, headers, region table, metadata table and
 //!   items, parent locator, BAT entries and geometry, checksum helpers.
-//! - [`log`]: log entry header, zero/data descriptors, data sectors.
-//! - [`writer`]: [`VhdxWriter`].
-//! - [`testkit`]: fixture generators for what qemu-img cannot make
+//! - [`log`] — log entry header, zero/data descriptors, data sectors.
+//! - [`writer`] — [`VhdxWriter`].
+//! - [`testkit`] — fixture generators for what qemu-img cannot make
 //!   (AVHDX chains, 4 KiB-sector disks, dirty logs), with independent ground truth.
 //!
 //! What is not covered: the writer makes no fixed (LeaveBlocksAllocated) files

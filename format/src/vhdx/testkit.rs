@@ -7,7 +7,7 @@
 //! Everything here is deterministic for a given seed and works in memory
 //! (`Vec<u8>`); callers write the bytes wherever they like.
 
-use std::io::{Cursor, Seek, Write};
+use std::io::{Cursor, Read, Seek, Write};
 
 use super::guid::Guid;
 use super::layout::*;
@@ -46,6 +46,38 @@ pub fn vhdx_from_raw<W: Write + Seek>(
     let guid = writer.data_write_guid();
     for (i, chunk) in raw.chunks(piece).enumerate() {
         writer.write_at((i * piece) as u64, chunk)?;
+    }
+    Ok((writer.finish()?, guid))
+}
+
+/// Like [`vhdx_from_raw`], streaming the raw image from `r` (e.g. a raw file
+/// too large to hold in memory); reads until EOF.
+pub fn vhdx_from_reader<R: Read, W: Write + Seek>(
+    w: W,
+    mut r: R,
+    opts: VhdxOptions,
+) -> Result<(W, Guid), VhdxError> {
+    let piece = opts.block_size.max(1 << 20) as usize;
+    let mut writer = VhdxWriter::create(w, opts)?;
+    let guid = writer.data_write_guid();
+    let mut buf = vec![0u8; piece];
+    let mut off = 0u64;
+    loop {
+        let mut n = 0;
+        while n < piece {
+            match r.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        writer.write_at(off, &buf[..n])?;
+        off += n as u64;
+        if n < piece {
+            break;
+        }
     }
     Ok((writer.finish()?, guid))
 }
@@ -123,10 +155,19 @@ pub fn partial_block_writes(
     let sectors = virtual_size / s;
     let x = pattern(seed ^ 0xABCD, 16 * 8);
     for k in 0..16usize {
-        let r = u64::from_le_bytes([x[8 * k], x[8 * k + 1], x[8 * k + 2], x[8 * k + 3], x[8 * k + 4], x[8 * k + 5], x[8 * k + 6], x[8 * k + 7]]);
+        let r = u64::from_le_bytes([
+            x[8 * k],
+            x[8 * k + 1],
+            x[8 * k + 2],
+            x[8 * k + 3],
+            x[8 * k + 4],
+            x[8 * k + 5],
+            x[8 * k + 6],
+            x[8 * k + 7],
+        ]);
         let len = 1 + r % 9;
         let start = (r >> 8) % sectors.saturating_sub(len).max(1);
-        push(&mut out, start * s, len * s, r % 5 == 0);
+        push(&mut out, start * s, len * s, r & 7 == 0);
     }
     out
 }
@@ -166,7 +207,9 @@ pub fn avhdx_chain(
     seed: u64,
 ) -> Result<ChainFixture, VhdxError> {
     let Some((base_name, children)) = names.split_first() else {
-        return Err(VhdxError::InvalidOptions("avhdx_chain needs at least one name".into()));
+        return Err(VhdxError::InvalidOptions(
+            "avhdx_chain needs at least one name".into(),
+        ));
     };
     let mut opts = VhdxOptions::new(raw.len() as u64);
     opts.block_size = block_size;
@@ -246,7 +289,9 @@ fn inspect(file: &[u8]) -> Result<(Header, u64, Geometry), VhdxError> {
             .ok_or(VhdxError::InvalidOptions("metadata item missing".into()))?;
         let s = meta_off + e.offset as usize;
         file.get(s..s + e.length as usize)
-            .ok_or(VhdxError::InvalidOptions("metadata item out of file".into()))
+            .ok_or(VhdxError::InvalidOptions(
+                "metadata item out of file".into(),
+            ))
     };
     let fp = FileParameters::parse(item(FILE_PARAMETERS_ITEM)?)?;
     let vs = le_u64(item(VIRTUAL_DISK_SIZE_ITEM)?, 0);
@@ -264,7 +309,7 @@ fn inspect(file: &[u8]) -> Result<(Header, u64, Geometry), VhdxError> {
 /// `flushed_file_offset` is the file size known stable when the log was
 /// written; LastFileOffset is the current size rounded up to 1 MiB.
 pub fn crash_with_log(
-    file: &mut Vec<u8>,
+    file: &mut [u8],
     entries: &[Vec<LogOp>],
     first_sequence: u64,
     at: u32,
@@ -284,7 +329,9 @@ pub fn crash_with_log(
             ops,
         )?;
         if pos + e.len() > header.log_length as usize {
-            return Err(VhdxError::InvalidOptions("log entries do not fit the log".into()));
+            return Err(VhdxError::InvalidOptions(
+                "log entries do not fit the log".into(),
+            ));
         }
         let s = header.log_offset as usize + pos;
         file[s..s + e.len()].copy_from_slice(&e);
@@ -338,7 +385,11 @@ pub struct DirtyLogFixture {
 /// foreign LogGuid sits at the start of the log and must be ignored.
 ///
 /// `raw` needs at least two allocated (non-zero) blocks and two all-zero blocks.
-pub fn dirty_log_vhdx(raw: &[u8], block_size: u32, seed: u64) -> Result<DirtyLogFixture, VhdxError> {
+pub fn dirty_log_vhdx(
+    raw: &[u8],
+    block_size: u32,
+    seed: u64,
+) -> Result<DirtyLogFixture, VhdxError> {
     let mut opts = VhdxOptions::new(raw.len() as u64);
     opts.block_size = block_size;
     opts.logical_sector_size = 512;
@@ -367,7 +418,11 @@ pub fn dirty_log_vhdx(raw: &[u8], block_size: u32, seed: u64) -> Result<DirtyLog
     }
     let pick = |v: &[u64], k: u64| v[((seed.wrapping_add(k)) % v.len() as u64) as usize];
     let moved = pick(&present, 0);
-    let trimmed = present.iter().copied().find(|&b| b != moved).unwrap_or(moved);
+    let trimmed = present
+        .iter()
+        .copied()
+        .find(|&b| b != moved)
+        .unwrap_or(moved);
     let new1 = pick(&absent, 1);
     let new2 = absent.iter().copied().find(|&b| b != new1).unwrap_or(new1);
 
@@ -386,22 +441,38 @@ pub fn dirty_log_vhdx(raw: &[u8], block_size: u32, seed: u64) -> Result<DirtyLog
     moved_data[..512].copy_from_slice(&pattern(seed ^ 1, 512));
     let moved_at = append_block(&mut file, &moved_data);
     expected[range(moved)].copy_from_slice(&moved_data);
-    set(&mut bat, moved, BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, moved_at));
+    set(
+        &mut bat,
+        moved,
+        BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, moved_at),
+    );
     expected[range(trimmed)].fill(0);
-    set(&mut bat, trimmed, BatEntry::new(PAYLOAD_BLOCK_NOT_PRESENT, 0));
+    set(
+        &mut bat,
+        trimmed,
+        BatEntry::new(PAYLOAD_BLOCK_NOT_PRESENT, 0),
+    );
     let mut entries = vec![bat_page_ops(&bat, &file, bat_off)];
 
     // Entry 2: two new blocks, the second only half written.
     let d1 = pattern(seed ^ 2, geo.block_len(new1) as usize);
     let at1 = append_block(&mut file, &d1);
     expected[range(new1)].copy_from_slice(&d1);
-    set(&mut bat, new1, BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, at1));
+    set(
+        &mut bat,
+        new1,
+        BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, at1),
+    );
     let half = (geo.block_len(new2) / 2) as usize;
     let d2 = pattern(seed ^ 3, half);
     let at2 = append_block(&mut file, &d2);
     let r2 = range(new2);
     expected[r2.start..r2.start + half].copy_from_slice(&d2);
-    set(&mut bat, new2, BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, at2));
+    set(
+        &mut bat,
+        new2,
+        BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, at2),
+    );
     entries.push(bat_page_ops(&bat, &file, bat_off));
 
     // Entry 3 (big BATs only): zero a whole BAT page holding allocated blocks.
@@ -410,7 +481,8 @@ pub fn dirty_log_vhdx(raw: &[u8], block_size: u32, seed: u64) -> Result<DirtyLog
     if pages >= 2 {
         let page = (1..pages).find(|&p| {
             (p * 512..((p + 1) * 512).min(geo.bat_entries)).any(|i| {
-                !geo.is_bitmap_index(i) && BatEntry(le_u64(&bat, 8 * i as usize)).state() == PAYLOAD_BLOCK_FULLY_PRESENT
+                !geo.is_bitmap_index(i)
+                    && BatEntry(le_u64(&bat, 8 * i as usize)).state() == PAYLOAD_BLOCK_FULLY_PRESENT
             })
         });
         if let Some(p) = page {
@@ -507,7 +579,7 @@ mod tests {
     fn dirty_fixture_differs_from_stale() {
         let mut raw = vec![0u8; 8 << 20];
         raw[..3 << 20].copy_from_slice(&pattern(5, 3 << 20));
-        let f = dirty_log_vhdx(&raw, 1 << 20, 9).unwrap();
+        let f = dirty_log_vhdx(&raw, 1 << 20, 9).expect("test value");
         assert_ne!(f.expected_raw, raw);
         assert_eq!(f.entries, 2);
         assert!(!f.has_zero_descriptor);

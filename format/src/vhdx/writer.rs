@@ -125,7 +125,9 @@ impl<W: Write + Seek> VhdxWriter<W> {
         }
         if let Some(p) = &opts.parent {
             if p.relative_path.is_empty() {
-                return Err(VhdxError::InvalidOptions("parent relative_path is empty".into()));
+                return Err(VhdxError::InvalidOptions(
+                    "parent relative_path is empty".into(),
+                ));
             }
         }
         let bat_len = bat_region_length(&geo);
@@ -186,14 +188,17 @@ impl<W: Write + Seek> VhdxWriter<W> {
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), VhdxError> {
         let lss = u64::from(self.geo.logical_sector_size);
         let len = data.len() as u64;
-        if offset % lss != 0 || len % lss != 0 {
+        if !is_aligned(offset, lss) || !is_aligned(len, lss) {
             return Err(VhdxError::Unaligned {
                 offset,
                 len,
                 sector: self.geo.logical_sector_size,
             });
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.geo.virtual_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.geo.virtual_size)
+        {
             return Err(VhdxError::OutOfRange {
                 offset,
                 len,
@@ -244,7 +249,8 @@ impl<W: Write + Seek> VhdxWriter<W> {
             }
         }
         let entry = self.bat[idx];
-        self.w.seek(SeekFrom::Start(entry.file_offset() + in_block))?;
+        self.w
+            .seek(SeekFrom::Start(entry.file_offset() + in_block))?;
         self.w.write_all(piece)?;
         if entry.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
             self.set_bits(block, in_block, piece.len() as u64);
@@ -283,7 +289,8 @@ impl<W: Write + Seek> VhdxWriter<W> {
                 (0..sectors).all(|s| bytes[(s / 8) as usize] & (1 << (s % 8)) != 0)
             });
             if full {
-                self.bat[idx] = BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, self.bat[idx].file_offset());
+                self.bat[idx] =
+                    BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, self.bat[idx].file_offset());
             }
         }
         let bitmaps = std::mem::take(&mut self.bitmaps);
@@ -301,7 +308,8 @@ impl<W: Write + Seek> VhdxWriter<W> {
             self.next_free += SECTOR_BITMAP_BLOCK_SIZE;
             self.w.seek(SeekFrom::Start(at))?;
             self.w.write_all(&bm)?;
-            self.bat[self.geo.bitmap_bat_index(chunk) as usize] = BatEntry::new(SB_BLOCK_PRESENT, at);
+            self.bat[self.geo.bitmap_bat_index(chunk) as usize] =
+                BatEntry::new(SB_BLOCK_PRESENT, at);
         }
 
         // Every allocated block must lie inside the file.
@@ -477,7 +485,8 @@ mod tests {
             volume_path: None,
         });
         let mut w = VhdxWriter::create(Cursor::new(Vec::new()), o).expect("writer");
-        w.write_at((1 << 20) + 9 * 512, &[0xAB; 512]).expect("write");
+        w.write_at((1 << 20) + 9 * 512, &[0xAB; 512])
+            .expect("write");
         let f = w.finish().expect("finish").into_inner();
         let bat = BAT_OFFSET as usize;
         // chunk ratio 2^23 * 512 / 2^20 = 4096: payload 0..4095, bitmap at 4096.
@@ -491,7 +500,10 @@ mod tests {
         // byte 257, bit 1.
         assert_eq!(bm[257], 0b10);
         assert_eq!(bm.iter().filter(|&&b| b != 0).count(), 1);
-        assert_eq!(&f[b1.file_offset() as usize + 9 * 512..][..512], &[0xAB; 512][..]);
+        assert_eq!(
+            &f[b1.file_offset() as usize + 9 * 512..][..512],
+            &[0xAB; 512][..]
+        );
         assert_eq!(f[b1.file_offset() as usize + 8 * 512], 0);
         assert!(f.len() as u64 >= sb.file_offset() + (1 << 20));
     }
@@ -507,12 +519,16 @@ mod tests {
             volume_path: None,
         });
         let mut w = VhdxWriter::create(Cursor::new(Vec::new()), o).expect("writer");
-        w.write_at(2 << 20, &vec![0u8; 1 << 20]).expect("zero block");
+        w.write_at(2 << 20, &vec![0u8; 1 << 20])
+            .expect("zero block");
         w.write_at(0, &vec![1u8; 1 << 20]).expect("full block");
         let f = w.finish().expect("finish").into_inner();
         let bat = BAT_OFFSET as usize;
         assert_eq!(BatEntry(le64(&f, bat + 16)).state(), PAYLOAD_BLOCK_ZERO);
         assert_eq!(BatEntry(le64(&f, bat)).state(), PAYLOAD_BLOCK_FULLY_PRESENT);
-        assert_eq!(BatEntry(le64(&f, bat + 8 * 4096)).state(), SB_BLOCK_NOT_PRESENT);
+        assert_eq!(
+            BatEntry(le64(&f, bat + 8 * 4096)).state(),
+            SB_BLOCK_NOT_PRESENT
+        );
     }
 }

@@ -21,14 +21,26 @@ use crate::catalog::{now_secs, PointRow, StreamRow};
 /// data request would cost more than the data).
 #[derive(Default)]
 pub struct IndexCache {
-    inner: Mutex<Vec<((PointId, u32), Arc<DiskIndex>)>>,
+    inner: Mutex<Vec<CachedIndex>>,
 }
+
+type CachedIndex = ((PointId, u32), Arc<DiskIndex>);
 
 impl IndexCache {
     const CAPACITY: usize = 8;
 
-    async fn get(&self, st: &SharedState, point: PointId, stream: u32) -> Result<Arc<DiskIndex>, ApiError> {
-        if let Some(hit) = self.lock().iter().find(|(k, _)| *k == (point, stream)).map(|(_, v)| v.clone()) {
+    async fn get(
+        &self,
+        st: &SharedState,
+        point: PointId,
+        stream: u32,
+    ) -> Result<Arc<DiskIndex>, ApiError> {
+        if let Some(hit) = self
+            .lock()
+            .iter()
+            .find(|(k, _)| *k == (point, stream))
+            .map(|(_, v)| v.clone())
+        {
             return Ok(hit);
         }
         let idx = Arc::new(st.store.read_index(&point, stream).await?);
@@ -40,12 +52,15 @@ impl IndexCache {
         Ok(idx)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<((PointId, u32), Arc<DiskIndex>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CachedIndex>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-pub async fn vms(State(st): State<SharedState>, _a: AdminAuth) -> Result<Json<Vec<VmSummary>>, ApiError> {
+pub async fn vms(
+    State(st): State<SharedState>,
+    _a: AdminAuth,
+) -> Result<Json<Vec<VmSummary>>, ApiError> {
     let rows = st.catalog.list_vms().await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
@@ -88,7 +103,11 @@ fn point_summary(p: &PointRow) -> PointSummary {
 fn stream_summary(s: &StreamRow) -> StreamSummary {
     StreamSummary {
         stream_no: s.stream_no as u32,
-        kind: if s.kind == "disk" { StreamKind::Disk } else { StreamKind::Config },
+        kind: if s.kind == "disk" {
+            StreamKind::Disk
+        } else {
+            StreamKind::Config
+        },
         path: s.path.clone(),
         controller: s.controller.clone(),
         location: s.location.clone(),
@@ -110,7 +129,8 @@ pub async fn points(
 }
 
 fn parse_point(text: &str) -> Result<PointId, ApiError> {
-    text.parse().map_err(|_| ApiError::NotFound(format!("no recovery point {text:?}")))
+    text.parse()
+        .map_err(|_| ApiError::NotFound(format!("no recovery point {text:?}")))
 }
 
 pub async fn point(
@@ -124,10 +144,17 @@ pub async fn point(
         .get_point(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no recovery point {point}")))?;
-    Ok(Json(PointDetail { point: point_summary(&p), streams: streams.iter().map(stream_summary).collect() }))
+    Ok(Json(PointDetail {
+        point: point_summary(&p),
+        streams: streams.iter().map(stream_summary).collect(),
+    }))
 }
 
-async fn stream_index(st: &SharedState, point: &str, stream: u32) -> Result<Arc<DiskIndex>, ApiError> {
+async fn stream_index(
+    st: &SharedState,
+    point: &str,
+    stream: u32,
+) -> Result<Arc<DiskIndex>, ApiError> {
     let id = parse_point(point)?;
     let (_, streams) = st
         .catalog
@@ -135,7 +162,9 @@ async fn stream_index(st: &SharedState, point: &str, stream: u32) -> Result<Arc<
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no recovery point {point}")))?;
     if !streams.iter().any(|s| s.stream_no as u32 == stream) {
-        return Err(ApiError::NotFound(format!("recovery point {point} has no stream {stream}")));
+        return Err(ApiError::NotFound(format!(
+            "recovery point {point} has no stream {stream}"
+        )));
     }
     st.indexes.get(st, id, stream).await
 }
@@ -193,7 +222,10 @@ pub async fn data(
             async move {
                 match id {
                     Some(id) => {
-                        let b = store.get(&id).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let b = store
+                            .get(&id)
+                            .await
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
                         if b.len() != len {
                             return Err(std::io::Error::other(format!(
                                 "chunk {n} holds {} bytes, expected {len}",
@@ -207,7 +239,9 @@ pub async fn data(
             }
         })
         .buffered(4);
-    let total: u64 = (q.first..q.first + q.count).map(|n| cs.min(size - n * cs)).sum();
+    let total: u64 = (q.first..q.first + q.count)
+        .map(|n| cs.min(size - n * cs))
+        .sum();
     Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
         .header(axum::http::header::CONTENT_LENGTH, total)
@@ -215,11 +249,19 @@ pub async fn data(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-pub async fn enroll_token(State(st): State<SharedState>, _a: AdminAuth) -> Result<Json<EnrollTokenResponse>, ApiError> {
+pub async fn enroll_token(
+    State(st): State<SharedState>,
+    _a: AdminAuth,
+) -> Result<Json<EnrollTokenResponse>, ApiError> {
     let token = format!("tbe1.{}", random_secret());
     let expires = now_secs() + st.cfg.enroll_token_ttl_secs as i64;
-    st.catalog.add_enroll_token(&secret_hash(&token), expires).await?;
-    Ok(Json(EnrollTokenResponse { token, expires: rfc3339(expires) }))
+    st.catalog
+        .add_enroll_token(&secret_hash(&token), expires)
+        .await?;
+    Ok(Json(EnrollTokenResponse {
+        token,
+        expires: rfc3339(expires),
+    }))
 }
 
 pub async fn verify(
@@ -253,11 +295,18 @@ pub async fn verify(
                 points: d.points.iter().map(|p| p.to_string()).collect(),
             })
             .collect(),
-        damaged_indexes: r.damaged_indexes.iter().map(|(p, s, why)| (p.to_string(), *s, why.clone())).collect(),
+        damaged_indexes: r
+            .damaged_indexes
+            .iter()
+            .map(|(p, s, why)| (p.to_string(), *s, why.clone()))
+            .collect(),
     }))
 }
 
-pub async fn jobs(State(st): State<SharedState>, _a: AdminAuth) -> Result<Json<Vec<JobSummary>>, ApiError> {
+pub async fn jobs(
+    State(st): State<SharedState>,
+    _a: AdminAuth,
+) -> Result<Json<Vec<JobSummary>>, ApiError> {
     let rows = st.catalog.list_jobs(500).await?;
     Ok(Json(
         rows.into_iter()

@@ -12,25 +12,40 @@ use tierback_format::index::DiskIndex;
 use tierback_format::wire::*;
 
 use super::session::Session;
-use super::{random_secret, secret_hash, AgentAuth, ApiError, SharedState, AGENT_CREDENTIAL_PREFIX};
+use super::{
+    random_secret, secret_hash, AgentAuth, ApiError, SharedState, AGENT_CREDENTIAL_PREFIX,
+};
 use crate::catalog::{NewPoint, NewStream};
 use crate::chunk_store::PutOutcome;
 
-pub async fn enroll(State(st): State<SharedState>, Json(req): Json<EnrollRequest>) -> Result<Json<EnrollResponse>, ApiError> {
+pub async fn enroll(
+    State(st): State<SharedState>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
     if req.host_name.is_empty() || req.host_name.len() > 255 {
-        return Err(ApiError::BadRequest("host_name must be 1–255 characters".into()));
+        return Err(ApiError::BadRequest(
+            "host_name must be 1–255 characters".into(),
+        ));
     }
     let agent_id = format!("agent-{}", &random_secret()[..16]);
     let credential = format!("{AGENT_CREDENTIAL_PREFIX}{agent_id}.{}", random_secret());
     let ok = st
         .catalog
-        .enroll_agent(&secret_hash(req.token.trim()), &agent_id, &req.host_name, &secret_hash(&credential))
+        .enroll_agent(
+            &secret_hash(req.token.trim()),
+            &agent_id,
+            &req.host_name,
+            &secret_hash(&credential),
+        )
         .await?;
     if !ok {
         return Err(ApiError::Unauthorized);
     }
     tracing::info!(agent = %agent_id, host = %req.host_name, "agent enrolled");
-    Ok(Json(EnrollResponse { agent_id, credential }))
+    Ok(Json(EnrollResponse {
+        agent_id,
+        credential,
+    }))
 }
 
 pub async fn inventory(
@@ -47,16 +62,26 @@ pub async fn inventory(
 async fn record_vm(st: &SharedState, agent_id: &str, vm: &VmInfo) -> Result<(), ApiError> {
     validate_vm(vm)?;
     let descriptor = serde_json::to_string(vm).map_err(|e| ApiError::Internal(e.to_string()))?;
-    st.catalog.upsert_vm(&vm.id, &vm.name, agent_id, &vm.state, &descriptor).await?;
+    st.catalog
+        .upsert_vm(&vm.id, &vm.name, agent_id, &vm.state, &descriptor)
+        .await?;
     Ok(())
 }
 
 fn validate_vm(vm: &VmInfo) -> Result<(), ApiError> {
-    if vm.id.is_empty() || vm.id.len() > 64 || !vm.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(ApiError::BadRequest(format!("VM id {:?} is not a GUID-like id", vm.id)));
+    if vm.id.is_empty()
+        || vm.id.len() > 64
+        || !vm.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(ApiError::BadRequest(format!(
+            "VM id {:?} is not a GUID-like id",
+            vm.id
+        )));
     }
     if vm.name.is_empty() || vm.name.len() > 255 {
-        return Err(ApiError::BadRequest("VM name must be 1–255 characters".into()));
+        return Err(ApiError::BadRequest(
+            "VM name must be 1–255 characters".into(),
+        ));
     }
     Ok(())
 }
@@ -69,18 +94,27 @@ pub async fn begin_backup(
     record_vm(&st, &agent.id, &req.vm).await?;
     for (i, s) in req.streams.iter().enumerate() {
         if s.stream_no as usize != i {
-            return Err(ApiError::BadRequest("streams must be numbered 0, 1, 2, … in order".into()));
+            return Err(ApiError::BadRequest(
+                "streams must be numbered 0, 1, 2, … in order".into(),
+            ));
         }
         if s.path.is_empty() || s.path.starts_with('/') || s.path.split('/').any(|c| c == "..") {
-            return Err(ApiError::BadRequest(format!("stream path {:?} must be relative inside the VM folder", s.path)));
+            return Err(ApiError::BadRequest(format!(
+                "stream path {:?} must be relative inside the VM folder",
+                s.path
+            )));
         }
         if ![512, 4096].contains(&s.logical_sector_size) {
-            return Err(ApiError::BadRequest(format!("stream {i}: logical sector size must be 512 or 4096")));
+            return Err(ApiError::BadRequest(format!(
+                "stream {i}: logical sector size must be 512 or 4096"
+            )));
         }
     }
     let session_id = random_secret()[..32].to_string();
     let job_id = format!("job-{}", &random_secret()[..16]);
-    st.catalog.start_job(&job_id, "backup", &req.vm.id, &req.vm.name, &agent.id).await?;
+    st.catalog
+        .start_job(&job_id, "backup", &req.vm.id, &req.vm.name, &agent.id)
+        .await?;
     let chunk_size = st.cfg.chunk_size;
     // The first point of a VM is a full whatever the agent asked.
     let first = st.catalog.list_points(Some(&req.vm.id)).await?.is_empty();
@@ -97,7 +131,10 @@ pub async fn begin_backup(
         stored_chunks: 0,
         last_activity: Instant::now(),
     });
-    Ok(Json(BeginBackupResponse { session_id, chunk_size }))
+    Ok(Json(BeginBackupResponse {
+        session_id,
+        chunk_size,
+    }))
 }
 
 async fn session(
@@ -105,10 +142,11 @@ async fn session(
     id: &str,
     agent_id: &str,
 ) -> Result<std::sync::Arc<tokio::sync::Mutex<Session>>, ApiError> {
-    st.sessions
-        .get(id, agent_id)
-        .await
-        .ok_or_else(|| ApiError::NotFound("no such backup session (it may have expired): start a new backup".into()))
+    st.sessions.get(id, agent_id).await.ok_or_else(|| {
+        ApiError::NotFound(
+            "no such backup session (it may have expired): start a new backup".into(),
+        )
+    })
 }
 
 pub async fn lack(
@@ -119,10 +157,17 @@ pub async fn lack(
 ) -> Result<Json<LackResponse>, ApiError> {
     session(&st, &sid, &agent.id).await?;
     if req.hashes.len() > MAX_LACK_BATCH {
-        return Err(ApiError::BadRequest(format!("at most {MAX_LACK_BATCH} hashes per request")));
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_LACK_BATCH} hashes per request"
+        )));
     }
     let lacking = st.store.lacking(&req.hashes).await?;
-    let missing = lacking.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i as u32).collect();
+    let missing = lacking
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l)
+        .map(|(i, _)| i as u32)
+        .collect();
     Ok(Json(LackResponse { missing }))
 }
 
@@ -181,7 +226,9 @@ pub async fn stream_index(
     let entries = decode_stream_index(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let mut s = sess.lock().await;
     if stream as usize >= s.streams.len() {
-        return Err(ApiError::BadRequest(format!("stream {stream} was not announced")));
+        return Err(ApiError::BadRequest(format!(
+            "stream {stream} was not announced"
+        )));
     }
     let v = s.indexes.entry(stream).or_default();
     v.extend(entries);
@@ -197,7 +244,9 @@ pub async fn abort(
     let sess = session(&st, &sid, &agent.id).await?;
     st.sessions.remove(&sid);
     let job = sess.lock().await.job_id.clone();
-    st.catalog.finish_job(&job, "failed", "aborted by the agent", None).await?;
+    st.catalog
+        .finish_job(&job, "failed", "aborted by the agent", None)
+        .await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -214,7 +263,12 @@ pub async fn commit(
         Ok(resp) => {
             st.sessions.remove(&sid);
             st.catalog
-                .finish_job(&job_id, "succeeded", &format!("point {}", resp.point), Some(&resp.point))
+                .finish_job(
+                    &job_id,
+                    "succeeded",
+                    &format!("point {}", resp.point),
+                    Some(&resp.point),
+                )
                 .await?;
             tracing::info!(vm = %s.vm.name, point = %resp.point, stored = resp.stored_bytes, "recovery point committed");
             Ok(Json(resp))
@@ -260,7 +314,10 @@ async fn commit_locked(
                 )));
             }
         }
-        let ids: Vec<_> = entries.iter().map(|(_, h): &(u64, ChunkHash)| st.store.chunk_id(h)).collect();
+        let ids: Vec<_> = entries
+            .iter()
+            .map(|(_, h): &(u64, ChunkHash)| st.store.chunk_id(h))
+            .collect();
         let missing = st.store.missing(&ids).await?;
         if !missing.is_empty() {
             // Put the entries back so a retry after re-sending can commit.
@@ -277,7 +334,11 @@ async fn commit_locked(
         let index = DiskIndex {
             size: spec.size,
             chunk_size: s.chunk_size,
-            entries: entries.iter().zip(&ids).map(|((n, _), id)| (*n, *id)).collect(),
+            entries: entries
+                .iter()
+                .zip(&ids)
+                .map(|((n, _), id)| (*n, *id))
+                .collect(),
         };
         // Rule 2: the index is durable before the point that names it.
         st.store.write_index(&point, spec.stream_no, &index).await?;
@@ -304,7 +365,11 @@ async fn commit_locked(
             vm_id: s.vm.id.clone(),
             vm_name: s.vm.name.clone(),
             created_at: crate::catalog::now_secs(),
-            kind: if s.full { "full".into() } else { "incremental".into() },
+            kind: if s.full {
+                "full".into()
+            } else {
+                "incremental".into()
+            },
             agent_id: agent_id.to_string(),
             job_id: Some(s.job_id.clone()),
             logical_bytes,
@@ -314,5 +379,9 @@ async fn commit_locked(
             streams,
         })
         .await?;
-    Ok(CommitResponse { point: point.to_string(), logical_bytes, stored_bytes: s.stored_bytes })
+    Ok(CommitResponse {
+        point: point.to_string(),
+        logical_bytes,
+        stored_bytes: s.stored_bytes,
+    })
 }

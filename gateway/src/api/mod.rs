@@ -44,16 +44,27 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/agent/backups", post(agent::begin_backup))
         .route("/v1/agent/backups/{session}/lack", post(agent::lack))
         .route("/v1/agent/backups/{session}/chunks", post(agent::chunks))
-        .route("/v1/agent/backups/{session}/streams/{stream}/index", post(agent::stream_index))
+        .route(
+            "/v1/agent/backups/{session}/streams/{stream}/index",
+            post(agent::stream_index),
+        )
         .route("/v1/agent/backups/{session}/commit", post(agent::commit))
         .route("/v1/agent/backups/{session}/abort", post(agent::abort))
-        .layer(DefaultBodyLimit::max(tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20)));
+        .layer(DefaultBodyLimit::max(
+            tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20),
+        ));
     let admin = Router::new()
         .route("/v1/admin/vms", get(admin::vms))
         .route("/v1/admin/points", get(admin::points))
         .route("/v1/admin/points/{point}", get(admin::point))
-        .route("/v1/admin/points/{point}/streams/{stream}/extents", get(admin::extents))
-        .route("/v1/admin/points/{point}/streams/{stream}/data", get(admin::data))
+        .route(
+            "/v1/admin/points/{point}/streams/{stream}/extents",
+            get(admin::extents),
+        )
+        .route(
+            "/v1/admin/points/{point}/streams/{stream}/data",
+            get(admin::data),
+        )
         .route("/v1/admin/enroll-tokens", post(admin::enroll_token))
         .route("/v1/admin/verify", post(admin::verify))
         .route("/v1/admin/jobs", get(admin::jobs))
@@ -107,7 +118,10 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let body = ApiErrorBody { error: kind.into(), message: self.to_string() };
+        let body = ApiErrorBody {
+            error: kind.into(),
+            message: self.to_string(),
+        };
         (status, Json(body)).into_response()
     }
 }
@@ -160,13 +174,21 @@ impl FromRequestParts<SharedState> for AgentAuth {
         let cred = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if cred.starts_with(ADMIN_TOKEN_PREFIX) {
             if state.catalog.admin_token_exists(&secret_hash(cred)).await? {
-                return Err(ApiError::Forbidden("admin tokens cannot use agent routes".into()));
+                return Err(ApiError::Forbidden(
+                    "admin tokens cannot use agent routes".into(),
+                ));
             }
             return Err(ApiError::Unauthorized);
         }
-        let rest = cred.strip_prefix(AGENT_CREDENTIAL_PREFIX).ok_or(ApiError::Unauthorized)?;
+        let rest = cred
+            .strip_prefix(AGENT_CREDENTIAL_PREFIX)
+            .ok_or(ApiError::Unauthorized)?;
         let (id, _secret) = rest.split_once('.').ok_or(ApiError::Unauthorized)?;
-        let agent = state.catalog.agent(id).await?.ok_or(ApiError::Unauthorized)?;
+        let agent = state
+            .catalog
+            .agent(id)
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
         if !constant_time_eq(&agent.secret_hash, &secret_hash(cred)) {
             return Err(ApiError::Unauthorized);
         }
@@ -188,7 +210,9 @@ impl FromRequestParts<SharedState> for AdminAuth {
         if cred.starts_with(AGENT_CREDENTIAL_PREFIX) {
             // A valid agent credential on an admin route is refused as such.
             if AgentAuth::from_request_parts(parts, state).await.is_ok() {
-                return Err(ApiError::Forbidden("agent credentials cannot use admin routes".into()));
+                return Err(ApiError::Forbidden(
+                    "agent credentials cannot use admin routes".into(),
+                ));
             }
         }
         Err(ApiError::Unauthorized)

@@ -66,12 +66,14 @@ impl Catalog {
     }
 
     pub async fn add_enroll_token(&self, hash: &[u8], expires_at: i64) -> Result<()> {
-        sqlx::query("INSERT INTO enroll_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)")
-            .bind(hash)
-            .bind(now_secs())
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO enroll_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(now_secs())
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -114,14 +116,23 @@ impl Catalog {
     }
 
     pub async fn agent(&self, id: &str) -> Result<Option<AgentRow>> {
-        Ok(sqlx::query_as::<_, AgentRow>("SELECT id, host_name, secret_hash FROM agents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(sqlx::query_as::<_, AgentRow>(
+            "SELECT id, host_name, secret_hash FROM agents WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Records (or updates) a VM as reported by an agent.
-    pub async fn upsert_vm(&self, id: &str, name: &str, agent_id: &str, state: &str, descriptor: &str) -> Result<()> {
+    pub async fn upsert_vm(
+        &self,
+        id: &str,
+        name: &str,
+        agent_id: &str,
+        state: &str,
+        descriptor: &str,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO vms (id, name, agent_id, state, descriptor, updated_at) VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, agent_id = excluded.agent_id,
@@ -149,7 +160,14 @@ impl Catalog {
         .await?)
     }
 
-    pub async fn start_job(&self, id: &str, kind: &str, vm_id: &str, vm_name: &str, agent_id: &str) -> Result<()> {
+    pub async fn start_job(
+        &self,
+        id: &str,
+        kind: &str,
+        vm_id: &str,
+        vm_name: &str,
+        agent_id: &str,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO jobs (id, kind, vm_id, vm_name, agent_id, state, started_at) VALUES (?, ?, ?, ?, ?, 'running', ?)",
         )
@@ -164,7 +182,13 @@ impl Catalog {
         Ok(())
     }
 
-    pub async fn finish_job(&self, id: &str, state: &str, message: &str, point: Option<&str>) -> Result<()> {
+    pub async fn finish_job(
+        &self,
+        id: &str,
+        state: &str,
+        message: &str,
+        point: Option<&str>,
+    ) -> Result<()> {
         sqlx::query("UPDATE jobs SET state = ?, finished_at = ?, message = ?, point_id = ? WHERE id = ? AND state = 'running'")
             .bind(state)
             .bind(now_secs())
@@ -205,20 +229,41 @@ mod tests {
 
     async fn catalog() -> (tempfile::TempDir, Catalog) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(&dir.path().join("catalog.db")).await.expect("open");
+        let c = Catalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("open");
         (dir, c)
     }
 
     #[tokio::test]
     async fn enrolment_token_is_single_use_and_expires() {
         let (_d, c) = catalog().await;
-        c.add_enroll_token(b"t1", now_secs() + 60).await.expect("add");
-        c.add_enroll_token(b"t2", now_secs() - 1).await.expect("add");
-        assert!(c.enroll_agent(b"t1", "a1", "hv1", b"s").await.expect("enrol"));
-        assert!(!c.enroll_agent(b"t1", "a2", "hv1", b"s").await.expect("reuse"));
-        assert!(!c.enroll_agent(b"t2", "a3", "hv1", b"s").await.expect("expired"));
-        assert!(!c.enroll_agent(b"nope", "a4", "hv1", b"s").await.expect("unknown"));
-        assert_eq!(c.agent("a1").await.expect("q").map(|a| a.host_name), Some("hv1".into()));
+        c.add_enroll_token(b"t1", now_secs() + 60)
+            .await
+            .expect("add");
+        c.add_enroll_token(b"t2", now_secs() - 1)
+            .await
+            .expect("add");
+        assert!(c
+            .enroll_agent(b"t1", "a1", "hv1", b"s")
+            .await
+            .expect("enrol"));
+        assert!(!c
+            .enroll_agent(b"t1", "a2", "hv1", b"s")
+            .await
+            .expect("reuse"));
+        assert!(!c
+            .enroll_agent(b"t2", "a3", "hv1", b"s")
+            .await
+            .expect("expired"));
+        assert!(!c
+            .enroll_agent(b"nope", "a4", "hv1", b"s")
+            .await
+            .expect("unknown"));
+        assert_eq!(
+            c.agent("a1").await.expect("q").map(|a| a.host_name),
+            Some("hv1".into())
+        );
         assert!(c.agent("a2").await.expect("q").is_none());
     }
 
@@ -228,22 +273,39 @@ mod tests {
         c.add_admin_token(b"h", "local").await.expect("add");
         assert!(c.admin_token_exists(b"h").await.expect("q"));
         assert!(!c.admin_token_exists(b"x").await.expect("q"));
-        c.add_enroll_token(b"t", now_secs() + 60).await.expect("tok");
-        c.enroll_agent(b"t", "a1", "hv1", b"s").await.expect("enrol");
-        c.upsert_vm("vm1", "web01", "a1", "Running", "{}").await.expect("vm");
-        c.upsert_vm("vm1", "web01-renamed", "a1", "Off", "{}").await.expect("vm");
+        c.add_enroll_token(b"t", now_secs() + 60)
+            .await
+            .expect("tok");
+        c.enroll_agent(b"t", "a1", "hv1", b"s")
+            .await
+            .expect("enrol");
+        c.upsert_vm("vm1", "web01", "a1", "Running", "{}")
+            .await
+            .expect("vm");
+        c.upsert_vm("vm1", "web01-renamed", "a1", "Off", "{}")
+            .await
+            .expect("vm");
         let vms = c.list_vms().await.expect("list");
         assert_eq!(vms.len(), 1);
         assert_eq!(vms[0].name, "web01-renamed");
         assert_eq!(vms[0].points, 0);
-        c.start_job("j1", "backup", "vm1", "web01", "a1").await.expect("job");
-        c.start_job("j2", "backup", "vm1", "web01", "a1").await.expect("job");
-        c.finish_job("j1", "succeeded", "ok", Some("p1")).await.expect("finish");
+        c.start_job("j1", "backup", "vm1", "web01", "a1")
+            .await
+            .expect("job");
+        c.start_job("j2", "backup", "vm1", "web01", "a1")
+            .await
+            .expect("job");
+        c.finish_job("j1", "succeeded", "ok", Some("p1"))
+            .await
+            .expect("finish");
         assert_eq!(c.abandon_running_jobs().await.expect("abandon"), 1);
         let jobs = c.list_jobs(10).await.expect("jobs");
         let j1 = jobs.iter().find(|j| j.id == "j1").expect("j1");
         let j2 = jobs.iter().find(|j| j.id == "j2").expect("j2");
-        assert_eq!((j1.state.as_str(), j1.point_id.as_deref()), ("succeeded", Some("p1")));
+        assert_eq!(
+            (j1.state.as_str(), j1.point_id.as_deref()),
+            ("succeeded", Some("p1"))
+        );
         assert_eq!(j2.state, "abandoned");
     }
 }
