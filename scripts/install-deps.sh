@@ -3,17 +3,11 @@
 # that build realistic VM disks (qemu-img, mkfs.*, sgdisk, ntfs-3g, mtools) and
 # GNU time for peak-memory figures. Idempotent; quiet when all is present.
 set -euo pipefail
-pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev libntfs-3g89 xfsprogs gdisk fdisk dosfstools mtools gcc openssl time)
+pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev xfsprogs gdisk fdisk dosfstools mtools gcc openssl time)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# libntfs-3g's package name varies between Debian releases; ntfs-3g-dev pulls it.
-if [ ${#missing[@]} -gt 0 ]; then
-  filtered=()
-  for p in "${missing[@]}"; do [ "$p" = libntfs-3g89 ] || filtered+=("$p"); done
-  missing=("${filtered[@]}")
-fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}" >&2
   SUDO=""

@@ -118,26 +118,40 @@ pub const KIT_TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
 ];
 
-/// The realistic disks of tests/fixtures/make-test-disks.sh, built once per
-/// test binary into a fresh directory under the target dir's test tmp
-/// (removed and rebuilt on every run, so it never goes stale).
+/// The realistic disks of tests/fixtures/make-test-disks.sh, built once into
+/// a cache under the target dir keyed by the script's contents. Test
+/// runners that start one process per test (nextest) share it: it is built
+/// into a temporary directory and renamed into place, so a racing process
+/// either finds the finished kit or builds its own copy and discards it.
 pub fn kit() -> &'static Path {
     static KIT: OnceLock<PathBuf> = OnceLock::new();
     KIT.get_or_init(|| {
         for (cmd, pkg) in KIT_TOOLS {
             require_tool(cmd, pkg);
         }
-        let exe = std::env::current_exe().expect("test binary path");
-        let name = exe
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("disk-tests");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("disk-kit-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create kit dir");
         let script = repo_root().join("tests/fixtures/make-test-disks.sh");
+        let text = std::fs::read(&script).expect("read kit script");
+        let key = blake3::hash(&text).to_hex();
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("disk-kit");
+        let dir = base.join(&key.as_str()[..16]);
+        if dir.join("DONE").is_file() {
+            return dir;
+        }
+        std::fs::create_dir_all(&base).expect("create kit dir");
+        let tmp = base.join(format!(
+            "build-{}-{}",
+            std::process::id(),
+            key.as_str().get(..8).unwrap_or("x")
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("create kit build dir");
         let t = std::time::Instant::now();
-        run("bash", &[path_str(&script), path_str(&dir)]);
+        run("bash", &[path_str(&script), path_str(&tmp)]);
+        std::fs::write(tmp.join("DONE"), b"ok").expect("mark kit");
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process finished first; its copy is as good as ours.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
         eprintln!("disk kit built in {:.1?} at {}", t.elapsed(), dir.display());
         dir
     })
