@@ -236,6 +236,22 @@ impl Gateway {
         v["token"].as_str().expect("token").to_string()
     }
 
+    /// `restore-disk` of one disk of a point; panics with the output on failure.
+    pub fn restore_disk(&self, point: &str, disk: u32, format: &str, out: &Path) {
+        ok(self
+            .cmd(&[
+                "restore-disk",
+                "--point",
+                point,
+                "--disk",
+                &disk.to_string(),
+                "--format",
+                format,
+                "--out",
+            ])
+            .arg(out));
+    }
+
     /// `points --json`.
     pub fn points(&self) -> Vec<serde_json::Value> {
         let out = ok(&mut self.cmd(&["points", "--json"]));

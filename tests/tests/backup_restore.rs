@@ -52,31 +52,8 @@ fn every_container_restores_byte_identical_as_raw_and_vhdx() {
             let raw_truth = fx.join(format!("{d}.raw"));
             let out_raw = t.path().join(format!("{vm}-{d}.raw"));
             let out_vhdx = t.path().join(format!("{vm}-{d}.vhdx"));
-            let n = n.to_string();
-            ok(gw
-                .cmd(&[
-                    "restore-disk",
-                    "--point",
-                    &point,
-                    "--disk",
-                    &n,
-                    "--format",
-                    "raw",
-                    "--out",
-                ])
-                .arg(&out_raw));
-            ok(gw
-                .cmd(&[
-                    "restore-disk",
-                    "--point",
-                    &point,
-                    "--disk",
-                    &n,
-                    "--format",
-                    "vhdx",
-                    "--out",
-                ])
-                .arg(&out_vhdx));
+            gw.restore_disk(&point, n as u32, "raw", &out_raw);
+            gw.restore_disk(&point, n as u32, "vhdx", &out_vhdx);
             assert!(
                 qemu_compare(&raw_truth, "raw", &out_raw, "raw"),
                 "{what} {d}: raw restore differs ({suffix})"

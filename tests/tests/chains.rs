@@ -32,34 +32,12 @@ fn restore_and_compare(gw: &Gateway, point: &str, expected: &[u8], t: &Path, tag
     std::fs::write(&truth, expected).expect("truth");
     let raw = t.join(format!("{tag}.raw"));
     let vhdx = t.join(format!("{tag}.vhdx"));
-    ok(gw
-        .cmd(&[
-            "restore-disk",
-            "--point",
-            point,
-            "--disk",
-            "0",
-            "--format",
-            "raw",
-            "--out",
-        ])
-        .arg(&raw));
+    gw.restore_disk(point, 0, "raw", &raw);
     assert!(
         std::fs::read(&raw).expect("read") == expected,
         "{tag}: raw restore differs from the expected bytes"
     );
-    ok(gw
-        .cmd(&[
-            "restore-disk",
-            "--point",
-            point,
-            "--disk",
-            "0",
-            "--format",
-            "vhdx",
-            "--out",
-        ])
-        .arg(&vhdx));
+    gw.restore_disk(point, 0, "vhdx", &vhdx);
     // qemu-img cannot read 4 KiB-sector VHDX; for the others it is a second oracle.
     if tag != "4k" {
         assert!(

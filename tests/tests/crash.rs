@@ -83,18 +83,7 @@ fn check_new_backup_restores(gw: &Gateway, agent: &Agent, raw: &Path, t: &Path, 
     );
     assert_eq!(pts[0]["id"], point);
     let out = t.join(format!("{tag}.raw"));
-    ok(gw
-        .cmd(&[
-            "restore-disk",
-            "--point",
-            point,
-            "--disk",
-            "0",
-            "--format",
-            "raw",
-            "--out",
-        ])
-        .arg(&out));
+    gw.restore_disk(point, 0, "raw", &out);
     assert!(
         qemu_compare(raw, "raw", &out, "raw"),
         "{tag}: restore differs"
