@@ -3,7 +3,7 @@
 # that build realistic VM disks (qemu-img, mkfs.*, sgdisk, ntfs-3g, mtools) and
 # GNU time for peak-memory figures. Idempotent; quiet when all is present.
 set -euo pipefail
-pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev xfsprogs gdisk fdisk dosfstools mtools gcc openssl time)
+pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev xfsprogs gdisk fdisk dosfstools mtools gcc openssl time sqlite3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +18,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-for tool in qemu-img mkfs.ext4 mkfs.xfs mkntfs ntfscp sgdisk sfdisk mkfs.vfat mcopy cc; do
+for tool in qemu-img mkfs.ext4 mkfs.xfs mkntfs ntfscp sgdisk sfdisk mkfs.vfat mcopy cc sqlite3; do
   command -v "$tool" >/dev/null || { echo "error: $tool is still missing after installing packages" >&2; exit 1; }
 done

@@ -1,14 +1,22 @@
-//! One backup of one VM: open its disks read-only, cut every stream (disks,
-//! then config files) into fixed-size chunks of the virtual disk, skip
-//! unallocated and all-zero chunks before any work, hash the rest with
-//! BLAKE3, ask the gateway which it lacks, send only those, then the stream
-//! indexes, then commit.
+//! One backup of one VM: open its disks read-only, decide per disk what
+//! changed since the VM's previous recovery point (`changes`: DataWriteGuid,
+//! RCT ranges, checkpoint delta, or full read + compare), cut what must be
+//! read into fixed-size chunks of the virtual disk, skip all-zero chunks,
+//! hash the rest with BLAKE3, ask the gateway which it lacks, send only
+//! those, then the stream indexes, then commit.
+//!
+//! Every point is a synthetic full: a disk with a usable previous point is
+//! uploaded as a DELTA index (changed chunks plus chunks that became zero)
+//! against that point's stream, and the gateway writes the complete index.
+//! A disk without one (first backup, new disk, `--full`, lost local state)
+//! is read in full and uploaded as a complete index; dedup still applies.
 //!
 //! Reading and hashing run on a blocking thread that feeds the uploader
 //! through a bounded channel, so memory stays at a few batches of chunks
 //! whatever the disk size. If anything fails the session is aborted; chunks
 //! already stored stay in the gateway and the next backup does not send them
-//! again.
+//! again. The agent's change-tracking state (per-chunk hashes) is saved only
+//! after the commit succeeded.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +27,18 @@ use serde::Serialize;
 use tierback_format::ids::ChunkHash;
 use tierback_format::wire::*;
 
-use crate::client::GatewayClient;
+use crate::changes::checkpoint::CheckpointSource;
+use crate::changes::compare::{hash_chunk, initial_hashes, zeroed};
+use crate::changes::rct::RctSource;
+use crate::changes::{
+    self, guid_text, ChangeSource, DiskPlan, DiskRecord, Method, PlanInput, Prev, TrackingStore,
+    VmRecord, ZERO_HASH,
+};
+use crate::client::{is_conflict, GatewayClient};
 use crate::disk::{self, VirtualDisk};
 use crate::host::HostVm;
+
+pub use crate::changes::chunks_of_ranges;
 
 /// What a backup reports.
 #[derive(Debug, Default, Serialize)]
@@ -29,25 +46,57 @@ pub struct BackupReport {
     pub point: String,
     pub vm_id: String,
     pub vm_name: String,
-    /// Bytes read from source disks and files.
+    /// The point this one is an incremental of (None: first point).
+    pub base_point: Option<String>,
+    /// Bytes read from source disks and files (sample checks included).
     pub bytes_read: u64,
     /// Chunk bytes sent to the gateway.
     pub bytes_sent: u64,
-    /// Bytes skipped without reading (unallocated in the container).
+    /// Bytes not read (unallocated, or unchanged according to change tracking).
     pub bytes_skipped: u64,
-    /// Non-zero chunks found.
+    /// Non-zero chunks read that were offered to the gateway.
     pub chunks: u64,
     /// Chunks read that were all zeros (never sent).
     pub zero_chunks: u64,
+    /// Chunks read that were identical to the previous point (not offered).
+    pub unchanged_chunks: u64,
     /// Chunks the gateway already had.
     pub dedup_chunks: u64,
     /// Chunks sent.
     pub sent_chunks: u64,
+    /// Chunks re-read by sample checks.
+    pub sample_chunks: u64,
     /// Non-zero bytes the point covers.
     pub logical_bytes: u64,
     /// Bytes newly stored by the gateway.
     pub stored_bytes: u64,
     pub seconds: f64,
+    /// Per disk: how changes were found and what was read.
+    pub disks: Vec<DiskReport>,
+    /// Alerts (change tracking caught missing writes, …).
+    pub alerts: Vec<String>,
+}
+
+/// One disk of a [`BackupReport`].
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DiskReport {
+    pub index: u32,
+    pub path: String,
+    /// full, unchanged, rct, checkpoint, compare.
+    pub method: String,
+    /// tracking, fallback, reset.
+    pub state: String,
+    pub reason: Option<String>,
+    /// Stream of the base point the disk was a delta against.
+    pub base_stream: Option<u32>,
+    /// Bytes read from this disk (sample included).
+    pub bytes_read: u64,
+    /// Of which read by the sample check.
+    pub sample_bytes_read: u64,
+    /// Chunks offered to the gateway (non-zero, changed).
+    pub changed_chunks: u64,
+    /// Chunks that became zero since the base point.
+    pub zeroed_chunks: u64,
 }
 
 /// Options of a backup.
@@ -56,6 +105,10 @@ pub struct BackupOptions {
     pub progress: bool,
     pub lack_batch: usize,
     pub upload_batch_bytes: usize,
+    /// The agent's state dir (change-tracking state lives under `tracking/`).
+    pub state_dir: PathBuf,
+    /// Least chunks a sample check re-reads.
+    pub sample_min: usize,
 }
 
 /// Something that can be read like a virtual disk.
@@ -76,13 +129,6 @@ impl Source {
         }
     }
 
-    fn ranges(&self) -> anyhow::Result<Vec<(u64, u64)>> {
-        match self {
-            Source::Disk(d) => Ok(d.allocated_ranges()?),
-            Source::File { size, .. } => Ok(if *size == 0 { vec![] } else { vec![(0, *size)] }),
-        }
-    }
-
     fn read_at(&self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
         match self {
             Source::Disk(d) => Ok(d.read_at(off, buf)?),
@@ -93,25 +139,6 @@ impl Source {
             }
         }
     }
-}
-
-/// Chunk numbers that touch any of the (sorted) ranges, ascending, unique.
-pub fn chunks_of_ranges(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    for &(off, len) in ranges {
-        if len == 0 || off >= size {
-            continue;
-        }
-        let end = (off + len).min(size);
-        let first = off / chunk_size;
-        let last = (end - 1) / chunk_size;
-        let from = match out.last() {
-            Some(&l) if l >= first => l + 1,
-            _ => first,
-        };
-        out.extend(from..=last);
-    }
-    out
 }
 
 fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Vec<DiskInfo>)> {
@@ -131,6 +158,7 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
             logical_sector_size: vd.logical_sector_size(),
             physical_sector_size: vd.physical_sector_size(),
             format: vd.describe(),
+            tracking: None,
         });
         specs.push(StreamSpec {
             stream_no: i as u32,
@@ -141,6 +169,8 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
             size: vd.virtual_size(),
             logical_sector_size: vd.logical_sector_size(),
             physical_sector_size: vd.physical_sector_size(),
+            base_stream: None,
+            tracking: None,
         });
         sources.push(Source::Disk(vd));
     }
@@ -160,6 +190,8 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
             size,
             logical_sector_size: 512,
             physical_sector_size: 512,
+            base_stream: None,
+            tracking: None,
         });
         sources.push(Source::File { path, file, size });
     }
@@ -170,6 +202,20 @@ fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Ve
 pub fn vm_info(vm: &HostVm) -> anyhow::Result<VmInfo> {
     let (_, _, disks) = open_sources(vm)?;
     Ok(vm_info_with(vm, disks))
+}
+
+/// [`vm_info`] with each disk's change-tracking health from the agent's
+/// state dir (as its last backup found it).
+pub fn vm_info_with_health(vm: &HostVm, state_dir: &std::path::Path) -> anyhow::Result<VmInfo> {
+    let mut info = vm_info(vm)?;
+    if let Ok(Some(rec)) = TrackingStore::new(state_dir).load(&info.id) {
+        for d in &mut info.disks {
+            d.tracking = rec
+                .disk(&d.controller, &d.location, &d.path)
+                .and_then(|r| r.health.clone());
+        }
+    }
+    Ok(info)
 }
 
 fn vm_info_with(vm: &HostVm, disks: Vec<DiskInfo>) -> VmInfo {
@@ -185,12 +231,82 @@ fn vm_info_with(vm: &HostVm, disks: Vec<DiskInfo>) -> VmInfo {
     }
 }
 
-/// A batch of read chunks on its way to the uploader.
-struct Batch {
-    stream: u32,
-    chunks: Vec<(u64, ChunkHash, Vec<u8>)>,
-    bytes_read: u64,
-    zero_chunks: u64,
+/// The previous backup of each disk, if usable as a delta base.
+struct Bases {
+    base_point: Option<String>,
+    prev: Vec<Option<(DiskRecord, Arc<Vec<ChunkHash>>)>>,
+    /// Why a disk has no base although the VM has a previous point.
+    no_prev: Vec<Option<(String, bool)>>,
+}
+
+fn find_bases(
+    store: &TrackingStore,
+    vm_id: &str,
+    last: Option<&LastPointResponse>,
+    disks: &[DiskInfo],
+) -> Bases {
+    let n = disks.len();
+    let mut b = Bases {
+        base_point: last.map(|l| l.point.clone()),
+        prev: vec![None; n],
+        no_prev: vec![None; n],
+    };
+    let Some(last) = last else { return b };
+    let local = match store.load(vm_id) {
+        Ok(Some(r)) if r.point == last.point => r,
+        Ok(Some(r)) => {
+            let why = format!(
+                "this agent's change-tracking state is for point {}, but the VM's last point is {} (backed up by another agent?): full read + compare",
+                r.point, last.point
+            );
+            b.no_prev = vec![Some((why, true)); n];
+            return b;
+        }
+        Ok(None) => {
+            let why = format!(
+                "this agent holds no change-tracking state for the VM's last point {} (VM moved from another agent?): full read + compare",
+                last.point
+            );
+            b.no_prev = vec![Some((why, true)); n];
+            return b;
+        }
+        Err(e) => {
+            let why = format!(
+                "the agent's change-tracking state is unreadable ({e:#}): full read + compare"
+            );
+            b.no_prev = vec![Some((why, true)); n];
+            return b;
+        }
+    };
+    for (i, d) in disks.iter().enumerate() {
+        let Some(rec) = local.disk(&d.controller, &d.location, &d.path) else {
+            continue; // a disk added since the last point: first backup of it
+        };
+        let in_point = last
+            .streams
+            .iter()
+            .any(|s| s.stream_no == rec.stream_no && s.kind == StreamKind::Disk);
+        if !in_point {
+            b.no_prev[i] = Some((
+                format!(
+                    "the last point has no disk stream {}: full read",
+                    rec.stream_no
+                ),
+                true,
+            ));
+            continue;
+        }
+        match store.load_hashes(vm_id, rec) {
+            Ok(h) => b.prev[i] = Some((rec.clone(), Arc::new(h))),
+            Err(e) => {
+                b.no_prev[i] = Some((
+                    format!("the stored chunk hashes are unusable ({e:#}): full read + compare"),
+                    true,
+                ))
+            }
+        }
+    }
+    b
 }
 
 /// Backs up one VM; returns the committed point's report.
@@ -200,22 +316,100 @@ pub async fn backup_vm(
     opts: &BackupOptions,
 ) -> anyhow::Result<BackupReport> {
     let start = Instant::now();
-    let (specs, sources, disks) = open_sources(vm)?;
-    let info = vm_info_with(vm, disks);
-    let begin = client
-        .begin(&BeginBackupRequest {
-            vm: info.clone(),
-            streams: specs.clone(),
-            full: opts.full,
-        })
-        .await?;
+    let (mut specs, sources, disks) = open_sources(vm)?;
+    let info = vm_info_with(vm, disks.clone());
+    let store = TrackingStore::new(&opts.state_dir);
+    let last = client.last_point(&info.id).await?;
+    let rct = RctSource::for_vm(&vm.folder);
+    // Identity of each disk now, recorded with the point.
+    for (i, d) in disks.iter().enumerate() {
+        let Source::Disk(vd) = &sources[i] else {
+            continue;
+        };
+        specs[i].tracking = Some(DiskTrackingIds {
+            change_id: rct.current_id(&d.path),
+            data_write_guid: vd.data_write_guid().map(guid_text),
+        });
+    }
+    let mut bases = find_bases(&store, &info.id, last.as_ref(), &disks);
+    let with_base = |specs: &mut [StreamSpec], bases: &Bases| {
+        for (i, s) in specs.iter_mut().enumerate().take(disks.len()) {
+            s.base_stream = if opts.full {
+                None
+            } else {
+                bases.prev[i].as_ref().map(|p| p.0.stream_no)
+            };
+        }
+    };
+    with_base(&mut specs, &bases);
+    let req = BeginBackupRequest {
+        vm: info.clone(),
+        streams: specs.clone(),
+        full: opts.full,
+        base_point: bases.base_point.clone(),
+    };
+    let begin = match client.begin(&req).await {
+        Err(e) if is_conflict(&e) && req.base_point.is_some() => {
+            // The base cannot be used (gone, other chunk size): read in full.
+            tracing::warn!(error = %format!("{e:#}"), "the gateway refused the base point; reading every disk in full");
+            let why = format!("the gateway refused the base point ({e:#}): full read");
+            bases.prev = vec![None; disks.len()];
+            bases.no_prev = vec![Some((why, true)); disks.len()];
+            bases.base_point = None;
+            with_base(&mut specs, &bases);
+            client
+                .begin(&BeginBackupRequest {
+                    streams: specs.clone(),
+                    base_point: None,
+                    ..req
+                })
+                .await?
+        }
+        r => r?,
+    };
     let sid = begin.session_id.clone();
-    let r = run_session(client, &sid, begin.chunk_size, specs, sources, opts).await;
+    let r = run_session(
+        client,
+        &sid,
+        begin.chunk_size,
+        specs,
+        sources,
+        bases,
+        rct,
+        opts,
+    )
+    .await;
     match r {
-        Ok(mut rep) => {
-            rep.vm_id = info.id;
-            rep.vm_name = info.name;
+        Ok((mut rep, record, hashes)) => {
+            rep.vm_id = info.id.clone();
+            rep.vm_name = info.name.clone();
             rep.seconds = start.elapsed().as_secs_f64();
+            let record = VmRecord {
+                point: rep.point.clone(),
+                disks: record,
+            };
+            let pairs: Vec<(&DiskRecord, &[ChunkHash])> = record
+                .disks
+                .iter()
+                .zip(&hashes)
+                .map(|(d, h)| (d, h.as_slice()))
+                .collect();
+            if let Err(e) = store.save(&info.id, &record, &pairs) {
+                // The point is committed; only the next backup's efficiency suffers.
+                let msg = format!(
+                    "saving the change-tracking state failed ({e:#}): the next backup of this VM reads every disk in full"
+                );
+                tracing::warn!("{msg}");
+                rep.alerts.push(msg);
+            }
+            // Report the health found to the gateway's inventory.
+            let mut info = info;
+            for (d, r) in info.disks.iter_mut().zip(&record.disks) {
+                d.tracking = r.health.clone();
+            }
+            if let Err(e) = client.inventory(vec![info]).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not report change-tracking health");
+            }
             Ok(rep)
         }
         Err(e) => {
@@ -225,71 +419,181 @@ pub async fn backup_vm(
     }
 }
 
+/// What the reader does with one stream.
+struct StreamPlan {
+    read: Vec<u64>,
+    /// Previous hashes: delta upload, unchanged chunks are not offered.
+    prev: Option<Arc<Vec<ChunkHash>>>,
+    /// Chunks not read keep their previous hash (only changed ones are read).
+    carry: bool,
+}
+
+/// A batch of read chunks on its way to the uploader.
+struct Batch {
+    stream: u32,
+    chunks: Vec<(u64, ChunkHash, Vec<u8>)>,
+    bytes_read: u64,
+    zero_chunks: u64,
+    unchanged_chunks: u64,
+    /// Last batch of a stream: its new hash list and the chunks that became zero.
+    done: Option<(Vec<ChunkHash>, Vec<u64>)>,
+}
+
+impl Batch {
+    fn new(stream: u32) -> Batch {
+        Batch {
+            stream,
+            chunks: Vec::new(),
+            bytes_read: 0,
+            zero_chunks: 0,
+            unchanged_chunks: 0,
+            done: None,
+        }
+    }
+}
+
+type SessionOutput = (BackupReport, Vec<DiskRecord>, Vec<Vec<ChunkHash>>);
+
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     client: &GatewayClient,
     sid: &str,
     chunk_size: u32,
     specs: Vec<StreamSpec>,
     sources: Vec<Source>,
+    bases: Bases,
+    rct: RctSource,
     opts: &BackupOptions,
-) -> anyhow::Result<BackupReport> {
+) -> anyhow::Result<SessionOutput> {
     let cs = chunk_size as u64;
-    let mut plans = Vec::new();
-    let mut total_allocated = 0u64;
-    let mut rep = BackupReport::default();
-    for (spec, src) in specs.iter().zip(&sources) {
-        let ranges = src
-            .ranges()
-            .with_context(|| format!("reading the allocation map of {}", spec.path))?;
-        let chunks = chunks_of_ranges(&ranges, cs, src.size());
-        let touched: u64 = chunks.iter().map(|n| cs.min(src.size() - n * cs)).sum();
-        rep.bytes_skipped += src.size() - touched;
-        total_allocated += touched;
-        plans.push(chunks);
+    let ndisks = bases.prev.len();
+    for (i, p) in bases.prev.iter().enumerate() {
+        if let Some((rec, _)) = p {
+            anyhow::ensure!(
+                rec.chunk_size == chunk_size || opts.full,
+                "disk {i}: the base point was cut into {}-byte chunks but the gateway now uses {chunk_size}",
+                rec.chunk_size
+            );
+        }
     }
-    let bar = progress_bar(opts.progress, total_allocated);
+    let sources = Arc::new(sources);
+    // Plan every disk (reads only sample chunks) on a blocking thread.
+    let disk_plans: Vec<DiskPlan> = {
+        let sources = sources.clone();
+        let specs = specs.clone();
+        let full = opts.full;
+        let sample_min = opts.sample_min;
+        let prev = bases.prev.clone();
+        let no_prev = bases.no_prev.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<DiskPlan>> {
+            let ck = CheckpointSource;
+            let mut out = Vec::new();
+            for i in 0..ndisks {
+                let Source::Disk(d) = &sources[i] else {
+                    anyhow::bail!("stream {i} is not a disk");
+                };
+                let srcs: [&dyn ChangeSource; 2] = [&rct, &ck];
+                let input = PlanInput {
+                    label: format!("disk {i} ({})", specs[i].path),
+                    disk: d.as_ref(),
+                    path: &specs[i].path,
+                    chunk_size: cs,
+                    prev: prev[i].as_ref().map(|(r, h)| Prev {
+                        record: r,
+                        hashes: h.clone(),
+                    }),
+                    no_prev: no_prev[i].clone(),
+                    full,
+                    sample_min,
+                };
+                out.push(
+                    changes::plan_disk(input, &srcs)
+                        .with_context(|| format!("planning disk {i} ({})", specs[i].path))?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+        .context("the planning thread failed")??
+    };
+    let mut rep = BackupReport {
+        base_point: bases.base_point.clone(),
+        ..BackupReport::default()
+    };
+    let mut plans = Vec::new();
+    let mut total_read = 0u64;
+    for (i, (spec, src)) in specs.iter().zip(sources.iter()).enumerate() {
+        let plan = match disk_plans.get(i) {
+            Some(p) => {
+                rep.bytes_read += p.sample_bytes;
+                rep.sample_chunks += p.sample_chunks;
+                rep.alerts.extend(p.alerts.iter().cloned());
+                rep.disks.push(DiskReport {
+                    index: i as u32,
+                    path: spec.path.clone(),
+                    method: p.method.as_str().into(),
+                    state: p.health.as_str().into(),
+                    reason: p.reason.clone(),
+                    base_stream: p.base_stream,
+                    bytes_read: p.sample_bytes,
+                    sample_bytes_read: p.sample_bytes,
+                    ..DiskReport::default()
+                });
+                StreamPlan {
+                    read: p.read.clone(),
+                    prev: p.prev.clone(),
+                    carry: !matches!(p.method, Method::Full | Method::Compare),
+                }
+            }
+            None => StreamPlan {
+                read: chunks_of_ranges(&[(0, src.size())], cs, src.size()),
+                prev: None,
+                carry: false,
+            },
+        };
+        let touched: u64 = plan.read.iter().map(|n| cs.min(src.size() - n * cs)).sum();
+        rep.bytes_skipped += src.size() - touched;
+        total_read += touched;
+        plans.push(plan);
+    }
+    let bar = progress_bar(opts.progress, total_read);
     let lack_batch = opts.lack_batch.clamp(1, MAX_LACK_BATCH);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(2);
-    let sources = Arc::new(sources);
     let reader = {
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || read_all(&sources, &plans, cs, lack_batch, &tx))
     };
     let mut indexes: Vec<Vec<(u64, ChunkHash)>> = vec![Vec::new(); specs.len()];
+    let mut new_hashes: Vec<Vec<ChunkHash>> = vec![Vec::new(); ndisks];
     let upload: anyhow::Result<()> = async {
         while let Some(batch) = rx.recv().await {
             let batch = batch?;
+            let stream = batch.stream as usize;
             rep.bytes_read += batch.bytes_read;
             rep.zero_chunks += batch.zero_chunks;
+            rep.unchanged_chunks += batch.unchanged_chunks;
             if let Some(b) = &bar {
                 b.inc(batch.bytes_read);
+            }
+            let idx = indexes.get_mut(stream).context("bad stream number")?;
+            if let Some(d) = rep.disks.get_mut(stream) {
+                d.bytes_read += batch.bytes_read;
+                d.changed_chunks += batch.chunks.len() as u64;
+            }
+            if let Some((hashes, zeros)) = batch.done {
+                if let Some(d) = rep.disks.get_mut(stream) {
+                    d.zeroed_chunks += zeros.len() as u64;
+                }
+                idx.extend(zeros.iter().map(|n| (*n, DELTA_ZERO_HASH)));
+                if let Some(h) = new_hashes.get_mut(stream) {
+                    *h = hashes;
+                }
             }
             if batch.chunks.is_empty() {
                 continue;
             }
-            let hashes: Vec<ChunkHash> = batch.chunks.iter().map(|c| c.1).collect();
-            let missing = client.lack(sid, hashes).await?;
-            let mut body = Vec::new();
-            for &m in &missing {
-                let (_, h, data) = batch
-                    .chunks
-                    .get(m as usize)
-                    .context("the gateway named a chunk that was not asked about")?;
-                if !body.is_empty() && body.len() + data.len() > opts.upload_batch_bytes {
-                    send(client, sid, &mut body, &mut rep).await?;
-                }
-                put_chunk_record(&mut body, h, data);
-                rep.bytes_sent += data.len() as u64;
-                rep.sent_chunks += 1;
-            }
-            if !body.is_empty() {
-                send(client, sid, &mut body, &mut rep).await?;
-            }
+            offer(client, sid, &batch.chunks, opts, &mut rep).await?;
             rep.chunks += batch.chunks.len() as u64;
-            rep.dedup_chunks += (batch.chunks.len() - missing.len()) as u64;
-            let idx = indexes
-                .get_mut(batch.stream as usize)
-                .context("bad stream number")?;
             idx.extend(batch.chunks.iter().map(|(n, h, _)| (*n, *h)));
         }
         Ok(())
@@ -301,25 +605,141 @@ async fn run_session(
     let read_result = reader.await.context("the disk reader thread failed")?;
     upload?;
     read_result?;
-    for (stream, entries) in indexes.iter().enumerate() {
+    for (stream, entries) in indexes.iter_mut().enumerate() {
+        entries.sort_unstable_by_key(|e| e.0);
         client.stream_index(sid, stream as u32, entries).await?;
     }
-    let c = client
-        .commit(
-            sid,
-            &CommitRequest {
-                bytes_read: rep.bytes_read,
-                bytes_sent: rep.bytes_sent,
-            },
-        )
-        .await?;
+    let commit = CommitRequest {
+        bytes_read: rep.bytes_read,
+        bytes_sent: rep.bytes_sent,
+        alerts: rep.alerts.clone(),
+    };
+    let c = match client.commit(sid, &commit).await {
+        Err(e) if is_conflict(&e) => {
+            // The gateway lacks chunks the indexes name (e.g. collected
+            // between `lack` and commit): re-offer every chunk this backup
+            // named, once, then commit again.
+            tracing::warn!(error = %format!("{e:#}"), "commit refused; re-offering this backup's chunks");
+            rep.alerts.push(format!(
+                "commit refused ({e:#}); this backup's chunks were offered again"
+            ));
+            reoffer(client, sid, &sources, &indexes, cs, opts, &mut rep).await?;
+            client
+                .commit(
+                    sid,
+                    &CommitRequest {
+                        bytes_read: rep.bytes_read,
+                        bytes_sent: rep.bytes_sent,
+                        alerts: rep.alerts.clone(),
+                    },
+                )
+                .await?
+        }
+        r => r?,
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     rep.point = c.point;
     rep.logical_bytes = c.logical_bytes;
     rep.stored_bytes = c.stored_bytes;
-    Ok(rep)
+    let mut records = Vec::new();
+    for (i, p) in disk_plans.iter().enumerate() {
+        let spec = &specs[i];
+        let ids = spec.tracking.clone().unwrap_or_default();
+        records.push(DiskRecord {
+            controller: spec.controller.clone().unwrap_or_default(),
+            location: spec.location.clone().unwrap_or_default(),
+            path: spec.path.clone(),
+            stream_no: i as u32,
+            size: spec.size,
+            chunk_size,
+            data_write_guid: ids.data_write_guid,
+            change_id: ids.change_id,
+            hashes_file: format!("{}-{i}.hashes", rep.point),
+            health: Some(TrackingHealth {
+                state: p.health.as_str().into(),
+                method: p.method.as_str().into(),
+                reason: p.reason.clone(),
+                alerts: p.alerts.clone(),
+            }),
+        });
+    }
+    Ok((rep, records, new_hashes))
+}
+
+/// Asks the gateway which of `chunks` it lacks and sends those.
+async fn offer(
+    client: &GatewayClient,
+    sid: &str,
+    chunks: &[(u64, ChunkHash, Vec<u8>)],
+    opts: &BackupOptions,
+    rep: &mut BackupReport,
+) -> anyhow::Result<()> {
+    let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.1).collect();
+    let missing = client.lack(sid, hashes).await?;
+    let mut body = Vec::new();
+    for &m in &missing {
+        let (_, h, data) = chunks
+            .get(m as usize)
+            .context("the gateway named a chunk that was not asked about")?;
+        if !body.is_empty() && body.len() + data.len() > opts.upload_batch_bytes {
+            send(client, sid, &mut body, rep).await?;
+        }
+        put_chunk_record(&mut body, h, data);
+        rep.bytes_sent += data.len() as u64;
+        rep.sent_chunks += 1;
+    }
+    if !body.is_empty() {
+        send(client, sid, &mut body, rep).await?;
+    }
+    rep.dedup_chunks += (chunks.len() - missing.len()) as u64;
+    Ok(())
+}
+
+/// Re-reads every non-zero chunk the indexes of this backup name and offers
+/// it again; a chunk whose content changed meanwhile fails the backup.
+async fn reoffer(
+    client: &GatewayClient,
+    sid: &str,
+    sources: &Arc<Vec<Source>>,
+    indexes: &[Vec<(u64, ChunkHash)>],
+    cs: u64,
+    opts: &BackupOptions,
+    rep: &mut BackupReport,
+) -> anyhow::Result<()> {
+    let lack_batch = opts.lack_batch.clamp(1, MAX_LACK_BATCH);
+    for (stream, entries) in indexes.iter().enumerate() {
+        let named: Vec<(u64, ChunkHash)> = entries
+            .iter()
+            .copied()
+            .filter(|(_, h)| *h != DELTA_ZERO_HASH)
+            .collect();
+        for part in named.chunks(lack_batch) {
+            let part = part.to_vec();
+            let sources = sources.clone();
+            let chunks = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let src = sources.get(stream).context("bad stream")?;
+                let mut out = Vec::new();
+                for (n, h) in part {
+                    let len = cs.min(src.size() - n * cs) as usize;
+                    let mut buf = vec![0u8; len];
+                    src.read_at(n * cs, &mut buf)?;
+                    anyhow::ensure!(
+                        hash_chunk(&buf) == Some(h),
+                        "stream {stream} chunk {n} changed during the backup; run the backup again"
+                    );
+                    out.push((n, h, buf));
+                }
+                Ok(out)
+            })
+            .await
+            .context("the disk reader thread failed")??;
+            rep.bytes_read += chunks.iter().map(|c| c.2.len() as u64).sum::<u64>();
+            offer(client, sid, &chunks, opts, rep).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn send(
@@ -333,24 +753,31 @@ async fn send(
     Ok(())
 }
 
-/// Reads every planned chunk, drops all-zero ones, hashes the rest, and sends
-/// batches down the channel. Stops early if the receiver is gone.
+/// Reads every planned chunk, drops all-zero ones and (for a delta stream)
+/// ones equal to the previous point, hashes the rest, and sends batches
+/// down the channel; the last batch of each stream carries its new hash
+/// list and the chunks that became zero. Stops early if the receiver is gone.
 fn read_all(
     sources: &[Source],
-    plans: &[Vec<u64>],
+    plans: &[StreamPlan],
     cs: u64,
     lack_batch: usize,
     tx: &tokio::sync::mpsc::Sender<anyhow::Result<Batch>>,
 ) -> anyhow::Result<()> {
     for (stream, (src, plan)) in sources.iter().zip(plans).enumerate() {
         let size = src.size();
-        let mut batch = Batch {
-            stream: stream as u32,
-            chunks: Vec::new(),
-            bytes_read: 0,
-            zero_chunks: 0,
+        let disk = matches!(src, Source::Disk(_));
+        let mut hashes = if disk {
+            initial_hashes(
+                plan.prev.as_deref().map(|v| v.as_slice()),
+                plan.carry,
+                size.div_ceil(cs),
+            )
+        } else {
+            Vec::new()
         };
-        for &n in plan {
+        let mut batch = Batch::new(stream as u32);
+        for &n in &plan.read {
             let len = cs.min(size - n * cs) as usize;
             let mut buf = vec![0u8; len];
             if let Err(e) = src.read_at(n * cs, &mut buf) {
@@ -358,40 +785,38 @@ fn read_all(
                 anyhow::bail!("read failed");
             }
             batch.bytes_read += len as u64;
-            if is_zero(&buf) {
-                batch.zero_chunks += 1;
-            } else {
-                let h = ChunkHash(*blake3::hash(&buf).as_bytes());
-                batch.chunks.push((n, h, buf));
+            let h = hash_chunk(&buf);
+            let recorded = h.unwrap_or(ZERO_HASH);
+            if let Some(slot) = hashes.get_mut(n as usize) {
+                *slot = recorded;
             }
-            if batch.chunks.len() >= lack_batch {
-                let next = Batch {
-                    stream: stream as u32,
-                    chunks: Vec::new(),
-                    bytes_read: 0,
-                    zero_chunks: 0,
-                };
-                if tx
-                    .blocking_send(Ok(std::mem::replace(&mut batch, next)))
+            let same = plan
+                .prev
+                .as_ref()
+                .is_some_and(|p| p.get(n as usize) == Some(&recorded));
+            match h {
+                None => batch.zero_chunks += 1,
+                Some(_) if same => batch.unchanged_chunks += 1,
+                Some(h) => batch.chunks.push((n, h, buf)),
+            }
+            if batch.chunks.len() >= lack_batch
+                && tx
+                    .blocking_send(Ok(std::mem::replace(&mut batch, Batch::new(stream as u32))))
                     .is_err()
-                {
-                    return Ok(());
-                }
+            {
+                return Ok(());
             }
         }
+        let zeros = match &plan.prev {
+            Some(p) => zeroed(p, &hashes),
+            None => Vec::new(),
+        };
+        batch.done = Some((hashes, zeros));
         if tx.blocking_send(Ok(batch)).is_err() {
             return Ok(());
         }
     }
     Ok(())
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    let mut words = buf.chunks_exact(16);
-    let body_zero = words
-        .by_ref()
-        .all(|c| c.try_into().map(u128::from_ne_bytes).is_ok_and(|w| w == 0));
-    body_zero && words.remainder().iter().all(|&b| b == 0)
 }
 
 fn progress_bar(enabled: bool, total: u64) -> Option<indicatif::ProgressBar> {
@@ -407,36 +832,4 @@ fn progress_bar(enabled: bool, total: u64) -> Option<indicatif::ProgressBar> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_plan_covers_ranges_once() {
-        let cs = 1 << 20;
-        assert_eq!(chunks_of_ranges(&[(0, 1)], cs, 10 << 20), vec![0]);
-        assert_eq!(chunks_of_ranges(&[(cs - 1, 2)], cs, 10 << 20), vec![0, 1]);
-        assert_eq!(
-            chunks_of_ranges(&[(0, cs), (cs / 2, cs)], cs, 10 << 20),
-            vec![0, 1]
-        );
-        assert_eq!(
-            chunks_of_ranges(&[(5 * cs, 100 * cs)], cs, 7 * cs),
-            vec![5, 6]
-        );
-        assert!(chunks_of_ranges(&[(0, 0)], cs, cs).is_empty());
-    }
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[0u8; 4099]));
-        let mut b = vec![0u8; 4099];
-        b[4098] = 1;
-        assert!(!is_zero(&b));
-        b[4098] = 0;
-        b[3] = 1;
-        assert!(!is_zero(&b));
-    }
 }

@@ -45,6 +45,12 @@ impl ClientError {
     }
 }
 
+/// True when `e` is the gateway answering 409 Conflict.
+pub fn is_conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ClientError>()
+        .is_some_and(|c| matches!(c, ClientError::Status { status: 409, .. }))
+}
+
 impl GatewayClient {
     pub fn new(base: &str, fingerprint: &str, credential: Option<String>) -> anyhow::Result<Self> {
         let tls = tierback_format::pin::pinned_client_config(fingerprint)?;
@@ -214,6 +220,27 @@ impl GatewayClient {
     ) -> anyhow::Result<CommitResponse> {
         self.post_json(&format!("/v1/agent/backups/{session}/commit"), req)
             .await
+    }
+
+    /// The VM's newest recovery point at the gateway (made by any agent),
+    /// `None` if it has none.
+    pub async fn last_point(&self, vm_id: &str) -> anyhow::Result<Option<LastPointResponse>> {
+        let path = format!("/v1/agent/vms/{vm_id}/last-point");
+        match self.call(reqwest::Method::GET, &path, None).await {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("decoding the gateway's answer to {path}")
+            })?)),
+            Err(ClientError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes the next job the gateway queued for a VM of this host.
+    pub async fn next_job(&self) -> anyhow::Result<Option<AgentJob>> {
+        let r: NextJobResponse = self
+            .post_json("/v1/agent/jobs/next", &serde_json::json!({}))
+            .await?;
+        Ok(r.job)
     }
 
     pub async fn abort(&self, session: &str) {

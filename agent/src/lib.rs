@@ -5,7 +5,9 @@
 //! those.
 
 pub mod backup;
+pub mod changes;
 pub mod client;
 pub mod disk;
 pub mod host;
+pub mod run;
 pub mod state;

@@ -69,6 +69,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Long-running: take the backups the gateway scheduled for this host's VMs
+    /// until SIGINT/SIGTERM (then finish the running ones).
+    Run {
+        #[arg(long, env = "TIERBACK_AGENT_STATE")]
+        state_dir: PathBuf,
+        /// Most backups at once on this host (1–16).
+        #[arg(long, default_value = "2")]
+        concurrency: String,
+        /// Seconds between polls when there is nothing to do (1–3600).
+        #[arg(long, default_value = "15")]
+        poll_secs: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -136,6 +148,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 agent_id: r.agent_id.clone(),
                 lack_batch: 32,
                 upload_batch_bytes: 16 << 20,
+                sample_min: 8,
             };
             AgentState::save_new(&state_dir, &cfg, &r.credential)?;
             let client = GatewayClient::new(&cfg.gateway, &cfg.fingerprint, Some(r.credential))?;
@@ -159,8 +172,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let vms = FolderHost::new(&st.cfg.host_root).list_vms()?;
             let mut infos = Vec::new();
             for v in &vms {
-                infos
-                    .push(backup::vm_info(v).with_context(|| format!("VM {}", v.descriptor.name))?);
+                infos.push(
+                    backup::vm_info_with_health(v, &state_dir)
+                        .with_context(|| format!("VM {}", v.descriptor.name))?,
+                );
             }
             let client =
                 GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
@@ -178,10 +193,29 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                             human(d.virtual_size),
                             d.format
                         );
+                        if let Some(t) = &d.tracking {
+                            println!(
+                                "        change tracking: {} ({}){}",
+                                t.state,
+                                t.method,
+                                t.reason
+                                    .as_deref()
+                                    .map(|r| format!(" — {r}"))
+                                    .unwrap_or_default()
+                            );
+                            for a in &t.alerts {
+                                println!("        ALERT: {a}");
+                            }
+                        }
                     }
                 }
             }
         }
+        Cmd::Run {
+            state_dir,
+            concurrency,
+            poll_secs,
+        } => run_jobs(state_dir, &concurrency, &poll_secs).await?,
         Cmd::Backup {
             state_dir,
             vm,
@@ -198,6 +232,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 progress: !json,
                 lack_batch: st.cfg.lack_batch,
                 upload_batch_bytes: st.cfg.upload_batch_bytes,
+                state_dir: state_dir.clone(),
+                sample_min: st.cfg.sample_min,
             };
             let r = backup::backup_vm(&client, &hv, &opts).await?;
             if json {
@@ -220,9 +256,66 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     human(r.logical_bytes),
                     r.seconds
                 );
+                for d in &r.disks {
+                    println!(
+                        "disk {} ({}): {} [{}], read {}{}",
+                        d.index,
+                        d.path,
+                        d.method,
+                        d.state,
+                        human(d.bytes_read),
+                        d.reason
+                            .as_deref()
+                            .map(|x| format!(" — {x}"))
+                            .unwrap_or_default()
+                    );
+                }
+                for a in &r.alerts {
+                    println!("ALERT: {a}");
+                }
             }
         }
     }
+    Ok(())
+}
+
+/// `run`: polls the gateway's job queue until SIGINT/SIGTERM.
+async fn run_jobs(state_dir: PathBuf, concurrency: &str, poll_secs: &str) -> anyhow::Result<()> {
+    let concurrency: usize = concurrency
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=16).contains(n))
+        .ok_or_else(|| anyhow::anyhow!("--concurrency {concurrency:?} must be 1–16"))?;
+    let poll: u64 = poll_secs
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=3600).contains(n))
+        .ok_or_else(|| anyhow::anyhow!("--poll-secs {poll_secs:?} must be 1–3600"))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.cancel();
+        });
+    }
+    let opts = tierback_agent::run::RunOptions {
+        state_dir,
+        concurrency,
+        poll: std::time::Duration::from_secs(poll),
+    };
+    let s = tierback_agent::run::run(opts, shutdown).await?;
+    eprintln!(
+        "stopped: {} job(s) succeeded, {} failed",
+        s.succeeded, s.failed
+    );
     Ok(())
 }
 

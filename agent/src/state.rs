@@ -24,6 +24,14 @@ pub struct AgentConfig {
     /// Bytes of chunk data per upload request.
     #[serde(default = "default_upload_batch")]
     pub upload_batch_bytes: usize,
+    /// Least chunks re-read by the sample check of an RCT/checkpoint
+    /// incremental (0.1 % of the disk's chunks if more, at most 256).
+    #[serde(default = "default_sample_min")]
+    pub sample_min: usize,
+}
+
+fn default_sample_min() -> usize {
+    8
 }
 
 fn default_lack_batch() -> usize {
@@ -83,7 +91,7 @@ impl AgentState {
     }
 }
 
-fn write_durably(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

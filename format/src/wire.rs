@@ -69,6 +69,10 @@ pub struct DiskInfo {
     pub physical_sector_size: u32,
     /// Container format and chain, for humans ("dynamic VHDX, …").
     pub format: String,
+    /// Change-tracking health as of the agent's last backup of this disk
+    /// (absent before the first backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<TrackingHealth>,
 }
 
 /// A VM as the agent reports it.
@@ -127,6 +131,15 @@ pub struct StreamSpec {
     pub logical_sector_size: u32,
     /// Physical sector size (disks; 512 for config files).
     pub physical_sector_size: u32,
+    /// Stream of [`BeginBackupRequest::base_point`] this stream continues:
+    /// its index upload is then a DELTA against that stream's index (see
+    /// [`DELTA_ZERO_HASH`]); absent: the index upload is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_stream: Option<u32>,
+    /// Change-tracking identity of the disk at backup time, stored with the
+    /// point and returned by `GET /v1/agent/vms/{id}/last-point`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<DiskTrackingIds>,
 }
 
 /// `POST /v1/agent/backups`: opens a backup session.
@@ -138,6 +151,76 @@ pub struct BeginBackupRequest {
     pub streams: Vec<StreamSpec>,
     /// Full (re-read everything) rather than incremental.
     pub full: bool,
+    /// The VM's previous point (from `last-point`) that streams naming a
+    /// `base_stream` are deltas against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_point: Option<String>,
+}
+
+/// Change-tracking health of one disk, as the agent's last backup found it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrackingHealth {
+    /// `tracking` (changes came from change tracking, or the disk was
+    /// unchanged), `fallback` (full read + compare, with a reason) or
+    /// `reset` (tracking state lost: full read + compare, with a reason).
+    pub state: String,
+    /// How changes were found: `rct`, `checkpoint`, `unchanged`, `compare`, `full`.
+    pub method: String,
+    /// Why, when `state` is not `tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Alerts of the last backup (a sample chunk differed from the stored hash …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
+}
+
+/// Change-tracking identity of a disk at the time of a backup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskTrackingIds {
+    /// RCT change-tracking id current when the disk was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+    /// VHDX DataWriteGuid of the leaf when the disk was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_write_guid: Option<String>,
+}
+
+/// Hash that marks, in a DELTA index upload, a chunk number that became
+/// zero or deallocated since the base point (BLAKE3 never yields it in practice).
+pub const DELTA_ZERO_HASH: ChunkHash = ChunkHash([0; 32]);
+
+/// `GET /v1/agent/vms/{id}/last-point`: the VM's newest committed point,
+/// wherever (host, agent) it was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastPointResponse {
+    /// Point id.
+    pub point: String,
+    /// Creation time, RFC 3339.
+    pub time: String,
+    /// Its streams.
+    pub streams: Vec<LastPointStream>,
+}
+
+/// One stream of [`LastPointResponse`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastPointStream {
+    /// Stream number.
+    pub stream_no: u32,
+    /// Disk or config.
+    pub kind: StreamKind,
+    /// Path relative to the VM folder at backup time.
+    pub path: String,
+    /// Controller (disks).
+    pub controller: Option<String>,
+    /// Location (disks).
+    pub location: Option<String>,
+    /// Bytes.
+    pub size: u64,
+    /// Chunk size of its index.
+    pub chunk_size: u32,
+    /// Change-tracking identity recorded by the agent (if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<DiskTrackingIds>,
 }
 
 /// Answer to [`BeginBackupRequest`].
@@ -181,6 +264,9 @@ pub struct CommitRequest {
     pub bytes_read: u64,
     /// Chunk bytes the agent sent.
     pub bytes_sent: u64,
+    /// Alerts raised while backing up (recorded in the job message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 /// Answer to [`CommitRequest`]: the recovery point is visible.
@@ -345,7 +431,7 @@ pub struct JobSummary {
     pub vm_id: Option<String>,
     /// VM name.
     pub vm_name: Option<String>,
-    /// running, succeeded, failed, abandoned.
+    /// queued, dispatched (scheduled jobs), running, succeeded, failed, abandoned.
     pub state: String,
     /// Start time, RFC 3339.
     pub started: String,
@@ -355,6 +441,30 @@ pub struct JobSummary {
     pub message: Option<String>,
     /// Recovery point made.
     pub point: Option<String>,
+}
+
+/// A scheduled job handed to an agent (`POST /v1/agent/jobs/next`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentJob {
+    /// Job id; the backup session the agent begins for `vm_id` adopts it.
+    pub id: String,
+    /// "backup".
+    pub kind: String,
+    /// VM id.
+    pub vm_id: String,
+    /// VM name.
+    pub vm_name: String,
+    /// Express full (read every disk in full) rather than incremental.
+    pub full: bool,
+    /// The schedule window it serves, RFC 3339 UTC.
+    pub window: Option<String>,
+}
+
+/// Answer of `POST /v1/agent/jobs/next`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextJobResponse {
+    /// The oldest queued job for a VM of the caller's host, if any.
+    pub job: Option<AgentJob>,
 }
 
 // ---- binary framings ------------------------------------------------------

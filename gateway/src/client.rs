@@ -76,6 +76,11 @@ impl AdminClient {
         r.json().await.context("decoding the gateway's answer")
     }
 
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let r = self.send(self.http.delete(self.url(path))).await?;
+        r.json().await.context("decoding the gateway's answer")
+    }
+
     /// A streaming GET.
     pub async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         self.send(self.http.get(self.url(path))).await

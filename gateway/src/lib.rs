@@ -10,7 +10,8 @@
 //! | chunk `put` | other puts | CPU work outside the lock; only the append to the open pack is serialised |
 //! | `flush` (seal pack) | puts (they wait for the new open pack) | the open-pack lock |
 //! | commit of a point | other commits | one SQL transaction each |
-//! | restore reads, verify | everything | sealed packs are immutable |
+//! | restore reads, verify | everything | sealed packs are immutable (a read whose pack GC replaced looks again) |
+//! | GC / prune (one at a time) | backups, commits, restores, verify | touch log + the store's `sweep` lock (see `chunk_store/gc.rs`) |
 //!
 //! Write ordering follows DESIGN.md §6 (see docs/formats.md): pack durable →
 //! index durable → point committed in one transaction.
@@ -20,7 +21,9 @@ pub mod catalog;
 pub mod chunk_store;
 pub mod client;
 pub mod config;
+pub mod policy;
 pub mod restore;
+pub mod scheduler;
 pub mod server;
 pub mod setup;
 pub mod tls;

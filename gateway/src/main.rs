@@ -9,6 +9,9 @@ use tierback_format::wire::*;
 use tierback_gateway::client::AdminClient;
 use tierback_gateway::restore::{self, DiskFormat};
 
+mod gc_cli;
+mod group_cli;
+
 #[derive(Parser)]
 #[command(
     name = "tierback-gateway",
@@ -153,6 +156,20 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Protection groups: named sets of VMs sharing one policy (MABS semantics).
+    Group {
+        #[command(subcommand)]
+        cmd: group_cli::GroupCmd,
+    },
+    /// Disk-space review per protection group: data, stored and projected bytes.
+    Space {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Apply short-term retention (the group's, or --keep-days): delete expired recovery points, then run GC.
+    Prune(gc_cli::PruneArgs),
+    /// Garbage-collect the local store: delete packs no recovery point needs, compact sparse ones.
+    Gc(gc_cli::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -384,6 +401,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Cmd::Group { cmd } => return group_cli::run_group(cmd).await,
+        Cmd::Space { conn } => return group_cli::run_space(conn).await,
+        Cmd::Prune(args) => return gc_cli::run_prune(args).await,
+        Cmd::Gc(args) => return gc_cli::run_gc(args).await,
         Cmd::Jobs { conn } => {
             let jobs: Vec<JobSummary> = conn.client()?.get_json("/v1/admin/jobs").await?;
             if conn.json {

@@ -112,6 +112,11 @@ pub async fn run(
             }
         })
     };
+    // The scheduler enqueues due backups of protection groups (see scheduler/).
+    tokio::spawn(crate::scheduler::run(
+        state.catalog.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

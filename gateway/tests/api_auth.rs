@@ -83,6 +83,13 @@ async fn every_route_needs_the_right_credential() {
             ("GET", "/v1/admin/points"),
             ("POST", "/v1/agent/backups"),
             ("GET", "/v1/admin/vms"),
+            ("GET", "/v1/admin/groups"),
+            ("POST", "/v1/admin/groups"),
+            ("GET", "/v1/admin/groups/prod"),
+            ("DELETE", "/v1/admin/groups/prod"),
+            ("POST", "/v1/admin/groups/prod/members"),
+            ("DELETE", "/v1/admin/groups/prod/members/web01"),
+            ("GET", "/v1/admin/space"),
         ] {
             let mut r = c.request(m.parse().expect("method"), u(p));
             if let Some(a) = auth {
@@ -168,6 +175,8 @@ async fn every_route_needs_the_right_credential() {
         size: 10,
         logical_sector_size: 512,
         physical_sector_size: 512,
+        base_stream: None,
+        tracking: None,
     };
     let begin: BeginBackupResponse = c
         .post(u("/v1/agent/backups"))
@@ -176,6 +185,7 @@ async fn every_route_needs_the_right_credential() {
             vm: vm.clone(),
             streams: vec![stream.clone()],
             full: true,
+            base_point: None,
         })
         .send()
         .await
@@ -225,6 +235,7 @@ async fn every_route_needs_the_right_credential() {
             vm,
             streams: vec![evil],
             full: true,
+            base_point: None,
         },
     ))
     .await;

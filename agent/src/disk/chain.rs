@@ -349,6 +349,10 @@ impl VirtualDisk for VhdxDisk {
         Some(self.file.data_write_guid().to_bytes())
     }
 
+    fn parent_data_write_guid(&self) -> Option<[u8; 16]> {
+        self.parent.as_ref().and_then(|p| p.data_write_guid())
+    }
+
     fn describe(&self) -> String {
         let mut s = self.file.describe();
         if self.chain_len > 1 {

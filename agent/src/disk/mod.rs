@@ -214,6 +214,12 @@ pub trait VirtualDisk: Send + Sync {
     fn leaf_ranges(&self) -> Result<Vec<(u64, u64)>, DiskError> {
         self.allocated_ranges()
     }
+    /// For a differencing VHDX: the DataWriteGuid of its parent (checked
+    /// against the child's parent_linkage when the chain was opened), in
+    /// on-disk byte order. None for any other disk.
+    fn parent_data_write_guid(&self) -> Option<[u8; 16]> {
+        None
+    }
 }
 
 /// Opens a `.vhdx`/`.avhdx`/`.vhd` (recognised by content: the `vhdxfile`

@@ -110,12 +110,11 @@ pub async fn begin_backup(
             )));
         }
     }
+    let base_point = check_base(&st, &req).await?;
     let session_id = random_secret()[..32].to_string();
-    let job_id = format!("job-{}", &random_secret()[..16]);
-    st.catalog
-        .start_job(&job_id, "backup", &req.vm.id, &req.vm.name, &agent.id)
-        .await?;
-    let chunk_size = st.cfg.chunk_size;
+    let job_id = super::jobs::job_for_backup(&st, &req.vm, &agent.id).await?;
+    // A protection group's chunk size wins over the gateway's default.
+    let chunk_size = super::groups::chunk_size_for_vm(&st, &req.vm.id).await?;
     // The first point of a VM is a full whatever the agent asked.
     let first = st.catalog.list_points(Some(&req.vm.id)).await?.is_empty();
     st.sessions.insert(Session {
@@ -125,15 +124,112 @@ pub async fn begin_backup(
         vm: req.vm,
         streams: req.streams,
         full: req.full || first,
+        base_point,
         chunk_size,
         indexes: HashMap::new(),
         stored_bytes: 0,
         stored_chunks: 0,
         last_activity: Instant::now(),
+        gc_writer: st.store.begin_writer(),
     });
     Ok(Json(BeginBackupResponse {
         session_id,
         chunk_size,
+    }))
+}
+
+/// Checks a delta backup's base: the point exists, is the same VM's, and
+/// every `base_stream` names one of its disk streams cut with today's chunk size.
+async fn check_base(
+    st: &SharedState,
+    req: &BeginBackupRequest,
+) -> Result<Option<PointId>, ApiError> {
+    let Some(base) = &req.base_point else {
+        if req.streams.iter().any(|s| s.base_stream.is_some()) {
+            return Err(ApiError::BadRequest(
+                "a stream names a base_stream but the backup has no base_point".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let id: PointId = base
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("base_point {base:?} is not a point id")))?;
+    let Some((row, streams)) = st.catalog.get_point(&id).await? else {
+        return Err(ApiError::Conflict(format!(
+            "base point {id} does not exist (any more): back up without a base"
+        )));
+    };
+    if row.vm_id != req.vm.id {
+        return Err(ApiError::BadRequest(format!(
+            "base point {id} belongs to another VM"
+        )));
+    }
+    for s in &req.streams {
+        let Some(b) = s.base_stream else { continue };
+        let Some(bs) = streams.iter().find(|x| x.stream_no == i64::from(b)) else {
+            return Err(ApiError::BadRequest(format!(
+                "stream {}: base point {id} has no stream {b}",
+                s.stream_no
+            )));
+        };
+        if s.kind != StreamKind::Disk || bs.kind != "disk" {
+            return Err(ApiError::BadRequest(format!(
+                "stream {}: only disk streams may be deltas",
+                s.stream_no
+            )));
+        }
+        let chunk_size = super::groups::chunk_size_for_vm(st, &req.vm.id).await?;
+        if bs.chunk_size != i64::from(chunk_size) {
+            return Err(ApiError::Conflict(format!(
+                "stream {}: base stream {b} was cut into {}-byte chunks, this VM now uses {}: back up without a base",
+                s.stream_no, bs.chunk_size, chunk_size
+            )));
+        }
+    }
+    Ok(Some(id))
+}
+
+/// `GET /v1/agent/vms/{vm}/last-point`: the VM's newest point, whichever
+/// host or agent made it, with the tracking ids recorded for its disks.
+pub async fn last_point(
+    State(st): State<SharedState>,
+    AgentAuth(_agent): AgentAuth,
+    Path(vm): Path<String>,
+) -> Result<Json<LastPointResponse>, ApiError> {
+    let vm = vm.to_ascii_lowercase();
+    let none = || ApiError::NotFound(format!("VM {vm} has no recovery point"));
+    let id = st.catalog.last_point_of_vm(&vm).await?.ok_or_else(none)?;
+    let pid: PointId = id
+        .parse()
+        .map_err(|_| ApiError::Internal(format!("catalog holds a bad point id {id:?}")))?;
+    let (row, streams) = st.catalog.get_point(&pid).await?.ok_or_else(none)?;
+    let tracking: HashMap<u32, DiskTrackingIds> =
+        st.catalog.point_tracking(&id).await?.into_iter().collect();
+    let streams = streams
+        .into_iter()
+        .map(|s| {
+            let n = u32::try_from(s.stream_no).unwrap_or(u32::MAX);
+            LastPointStream {
+                stream_no: n,
+                kind: if s.kind == "disk" {
+                    StreamKind::Disk
+                } else {
+                    StreamKind::Config
+                },
+                path: s.path,
+                controller: s.controller,
+                location: s.location,
+                size: u64::try_from(s.size).unwrap_or(0),
+                chunk_size: u32::try_from(s.chunk_size).unwrap_or(0),
+                tracking: tracking.get(&n).cloned(),
+            }
+        })
+        .collect();
+    Ok(Json(LastPointResponse {
+        point: id,
+        time: super::rfc3339(row.created_at),
+        streams,
     }))
 }
 
@@ -230,6 +326,12 @@ pub async fn stream_index(
             "stream {stream} was not announced"
         )));
     }
+    let delta = s.streams[stream as usize].base_stream.is_some();
+    if !delta && entries.iter().any(|(_, h)| *h == DELTA_ZERO_HASH) {
+        return Err(ApiError::BadRequest(format!(
+            "stream {stream}: the zero marker is only valid in a delta index (no base_stream)"
+        )));
+    }
     let v = s.indexes.entry(stream).or_default();
     v.extend(entries);
     let n = v.len();
@@ -262,13 +364,12 @@ pub async fn commit(
     match commit_locked(&st, &agent.id, &mut s, &req).await {
         Ok(resp) => {
             st.sessions.remove(&sid);
+            let mut message = format!("point {}", resp.point);
+            if !req.alerts.is_empty() {
+                message += &format!("; ALERTS: {}", req.alerts.join("; "));
+            }
             st.catalog
-                .finish_job(
-                    &job_id,
-                    "succeeded",
-                    &format!("point {}", resp.point),
-                    Some(&resp.point),
-                )
+                .finish_job(&job_id, "succeeded", &message, Some(&resp.point))
                 .await?;
             tracing::info!(vm = %s.vm.name, point = %resp.point, stored = resp.stored_bytes, "recovery point committed");
             Ok(Json(resp))
@@ -316,9 +417,27 @@ async fn commit_locked(
         }
         let ids: Vec<_> = entries
             .iter()
+            .filter(|(_, h)| *h != DELTA_ZERO_HASH)
             .map(|(_, h): &(u64, ChunkHash)| st.store.chunk_id(h))
             .collect();
-        let missing = st.store.missing(&ids).await?;
+        let index = match (spec.base_stream, &s.base_point) {
+            (Some(b), Some(base)) => {
+                apply_delta(st, base, b, spec.size, s.chunk_size, &entries, &ids).await?
+            }
+            _ => DiskIndex {
+                size: spec.size,
+                chunk_size: s.chunk_size,
+                entries: entries
+                    .iter()
+                    .zip(&ids)
+                    .map(|((n, _), id)| (*n, *id))
+                    .collect(),
+            },
+        };
+        // For a delta this checks (and touches, against a concurrent GC)
+        // the base point's chunks too, not just the ones sent now.
+        let all: Vec<_> = index.entries.iter().map(|(_, id)| *id).collect();
+        let missing = st.store.missing(&all).await?;
         if !missing.is_empty() {
             // Put the entries back so a retry after re-sending can commit.
             s.indexes.insert(spec.stream_no, entries);
@@ -328,18 +447,9 @@ async fn commit_locked(
                 missing.len()
             )));
         }
-        for (n, _) in &entries {
+        for (n, _) in &index.entries {
             logical_bytes += cs.min(spec.size - n * cs);
         }
-        let index = DiskIndex {
-            size: spec.size,
-            chunk_size: s.chunk_size,
-            entries: entries
-                .iter()
-                .zip(&ids)
-                .map(|((n, _), id)| (*n, *id))
-                .collect(),
-        };
         // Rule 2: the index is durable before the point that names it.
         st.store.write_index(&point, spec.stream_no, &index).await?;
         streams.push(NewStream {
@@ -357,6 +467,18 @@ async fn commit_locked(
             physical_sector: spec.physical_sector_size,
             chunk_count: index.entries.len() as u64,
         });
+    }
+    // Tracking rows first: if the commit below fails they name no visible point.
+    let tracking: Vec<(u32, DiskTrackingIds)> = s
+        .streams
+        .iter()
+        .filter_map(|x| Some((x.stream_no, x.tracking.clone()?)))
+        .collect();
+    let base = s.base_point.map(|b| b.to_string());
+    if !tracking.is_empty() || base.is_some() {
+        st.catalog
+            .put_point_tracking(&point.to_string(), base.as_deref(), &tracking)
+            .await?;
     }
     // Rule 3: one transaction makes the point visible.
     st.catalog
@@ -383,5 +505,49 @@ async fn commit_locked(
         point: point.to_string(),
         logical_bytes,
         stored_bytes: s.stored_bytes,
+    })
+}
+
+/// The complete index of a DELTA stream: the base point's index for stream
+/// `base_stream`, cut to the new size (a shrunk disk drops what lies beyond),
+/// with the delta's entries applied (`DELTA_ZERO_HASH` removes a chunk).
+/// `ids` are the keyed ids of the delta's non-zero entries, in order.
+async fn apply_delta(
+    st: &SharedState,
+    base: &PointId,
+    base_stream: u32,
+    size: u64,
+    chunk_size: u32,
+    delta: &[(u64, ChunkHash)],
+    ids: &[tierback_format::ids::ChunkId],
+) -> Result<DiskIndex, ApiError> {
+    let old = st.store.read_index(base, base_stream).await?;
+    if old.chunk_size != chunk_size {
+        return Err(ApiError::Conflict(format!(
+            "base stream {base_stream} of point {base} uses {}-byte chunks, not {chunk_size}",
+            old.chunk_size
+        )));
+    }
+    let slots = size.div_ceil(u64::from(chunk_size));
+    let mut map: std::collections::BTreeMap<u64, _> = old
+        .entries
+        .into_iter()
+        .filter(|(n, _)| *n < slots)
+        .collect();
+    let mut ids = ids.iter();
+    for (n, h) in delta {
+        if *h == DELTA_ZERO_HASH {
+            map.remove(n);
+        } else {
+            let id = ids
+                .next()
+                .ok_or_else(|| ApiError::Internal("delta ids out of step".into()))?;
+            map.insert(*n, *id);
+        }
+    }
+    Ok(DiskIndex {
+        size,
+        chunk_size,
+        entries: map.into_iter().collect(),
     })
 }

@@ -9,6 +9,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod groups;
+pub mod jobs;
+pub mod maintenance;
 mod session;
 
 use std::sync::Arc;
@@ -50,6 +53,8 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/v1/agent/backups/{session}/commit", post(agent::commit))
         .route("/v1/agent/backups/{session}/abort", post(agent::abort))
+        .route("/v1/agent/vms/{vm}/last-point", get(agent::last_point))
+        .route("/v1/agent/jobs/next", get(jobs::next).post(jobs::next))
         .layer(DefaultBodyLimit::max(
             tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20),
         ));
@@ -68,6 +73,19 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/admin/enroll-tokens", post(admin::enroll_token))
         .route("/v1/admin/verify", post(admin::verify))
         .route("/v1/admin/jobs", get(admin::jobs))
+        .route("/v1/admin/prune", post(maintenance::prune))
+        .route("/v1/admin/gc", post(maintenance::gc))
+        .route("/v1/admin/groups", get(groups::list).post(groups::create))
+        .route(
+            "/v1/admin/groups/{name}",
+            get(groups::show).delete(groups::delete),
+        )
+        .route("/v1/admin/groups/{name}/members", post(groups::add_member))
+        .route(
+            "/v1/admin/groups/{name}/members/{vm}",
+            axum::routing::delete(groups::remove_member),
+        )
+        .route("/v1/admin/space", get(groups::space))
         .layer(DefaultBodyLimit::max(1 << 20));
     Router::new()
         .route("/v1/enroll", post(agent::enroll))
@@ -138,6 +156,9 @@ impl From<StoreError> for ApiError {
             StoreError::HashMismatch { .. } => ApiError::BadRequest(e.to_string()),
             StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
             StoreError::DiskFull { .. } => ApiError::Insufficient(e.to_string()),
+            StoreError::ChunksMissing { .. } | StoreError::GcRunning => {
+                ApiError::Conflict(e.to_string())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

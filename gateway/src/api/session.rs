@@ -18,12 +18,17 @@ pub struct Session {
     pub vm: VmInfo,
     pub streams: Vec<StreamSpec>,
     pub full: bool,
+    /// The point DELTA streams (`base_stream`) apply to.
+    pub base_point: Option<tierback_format::ids::PointId>,
     pub chunk_size: u32,
     /// Index entries received per stream, in arrival order.
     pub indexes: HashMap<u32, Vec<(u64, ChunkHash)>>,
     pub stored_bytes: u64,
     pub stored_chunks: u64,
     pub last_activity: Instant,
+    /// Registers the backup with GC until the session is dropped, so chunks
+    /// it references are kept (DESIGN.md §6 rule 5).
+    pub gc_writer: crate::chunk_store::WriterGuard,
 }
 
 /// The table of running sessions.

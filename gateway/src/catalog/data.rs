@@ -349,6 +349,128 @@ impl Catalog {
             .collect()
     }
 
+    /// Deletes recovery points and their stream rows in ONE transaction;
+    /// returns how many points were deleted (unknown ids are ignored). Jobs
+    /// keep their history (`jobs.point_id` still names the deleted point).
+    /// The caller removes the points' index files afterwards.
+    pub async fn delete_points(&self, ids: &[PointId]) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        for id in ids {
+            let id = id.to_string();
+            sqlx::query("DELETE FROM point_streams WHERE point_id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            deleted += sqlx::query("DELETE FROM points WHERE id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Every recorded pack, oldest first.
+    pub async fn list_packs(&self) -> Result<Vec<PackRow>> {
+        let rows = sqlx::query_as::<_, (Vec<u8>, i64, i64, String)>(
+            "SELECT id, size, created_at, state FROM packs ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, size, created_at, state)| {
+                Ok(PackRow {
+                    id: PackId::from_slice(&id)
+                        .map_err(|e| CatalogError::Invalid(e.to_string()))?,
+                    size: to_u64(size, "pack size")?,
+                    created_at,
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    /// The chunks the catalog places in `pack`, in offset order.
+    pub async fn pack_chunks(&self, pack: &PackId) -> Result<Vec<(ChunkId, ChunkLocation)>> {
+        let rows = sqlx::query_as::<_, ChunkTuple>(
+            "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE pack_id = ? ORDER BY \"offset\"",
+        )
+        .bind(&pack.0[..])
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(decode_location).collect()
+    }
+
+    /// (packs, bytes of pack files, chunks) recorded.
+    pub async fn store_totals(&self) -> Result<(u64, u64, u64)> {
+        let (packs, bytes): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs")
+                .fetch_one(&self.pool)
+                .await?;
+        let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((
+            to_u64(packs, "pack count")?,
+            to_u64(bytes, "store size")?,
+            to_u64(chunks, "chunk count")?,
+        ))
+    }
+
+    /// GC: drops a pack and every chunk row still placed in it, in ONE
+    /// transaction; returns the number of chunk rows removed. The caller
+    /// deletes the file afterwards (a crash in between leaves an
+    /// uncatalogued file, removed by the next GC).
+    pub async fn delete_pack(&self, pack: &PackId) -> Result<u64> {
+        self.move_chunks_and_drop_pack(pack, &[]).await
+    }
+
+    /// GC compaction: in ONE transaction, points each chunk of `moves` (all
+    /// currently in `old`) at its new location, deletes the chunk rows left
+    /// in `old` (dead ones) and the pack row of `old`. Returns the number of
+    /// chunk rows deleted. Fails without changing anything if a moved chunk
+    /// is no longer in `old` or its new pack is not recorded.
+    pub async fn move_chunks_and_drop_pack(
+        &self,
+        old: &PackId,
+        moves: &[(ChunkId, ChunkLocation)],
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        for (id, loc) in moves {
+            let n = sqlx::query(
+                "UPDATE chunks SET pack_id = ?, \"offset\" = ?, len = ?, raw_len = ? \
+                 WHERE id = ? AND pack_id = ?",
+            )
+            .bind(&loc.pack_id.0[..])
+            .bind(to_i64(loc.offset, "chunk offset")?)
+            .bind(i64::from(loc.len))
+            .bind(i64::from(loc.raw_len))
+            .bind(&id.0[..])
+            .bind(&old.0[..])
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                return Err(CatalogError::Invalid(format!(
+                    "chunk {id} is no longer in pack {old}; not moved"
+                )));
+            }
+        }
+        let removed = sqlx::query("DELETE FROM chunks WHERE pack_id = ?")
+            .bind(&old.0[..])
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM packs WHERE id = ?")
+            .bind(&old.0[..])
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
     /// (point, stream number) of every stream of every committed point.
     pub async fn committed_streams(&self) -> Result<Vec<(PointId, u32)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -616,6 +738,84 @@ mod tests {
         let streams = c.committed_streams().await.expect("streams");
         assert_eq!(streams.len(), 6);
         assert_eq!(streams[0], (PointId([1; 16]), 0));
+    }
+
+    #[tokio::test]
+    async fn delete_points_and_gc_queries() {
+        let (_d, c) = catalog().await;
+        c.commit_point(&point(1, "vm-a", "alpha", 100))
+            .await
+            .expect("commit 1");
+        c.commit_point(&point(2, "vm-a", "alpha", 200))
+            .await
+            .expect("commit 2");
+        assert_eq!(
+            c.delete_points(&[PointId([1; 16]), PointId([9; 16])])
+                .await
+                .expect("delete"),
+            1
+        );
+        assert!(c.get_point(&PointId([1; 16])).await.expect("get").is_none());
+        assert_eq!(c.committed_streams().await.expect("streams").len(), 2);
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM point_streams")
+            .fetch_one(&c.pool)
+            .await
+            .expect("count");
+        assert_eq!(left, 2, "stream rows deleted with their point");
+
+        let (old, new) = (PackId([1; 16]), PackId([2; 16]));
+        let pack = |id, at| NewPack {
+            id,
+            size: 1000,
+            created_at: at,
+        };
+        c.insert_pack_with_chunks(&pack(old, 1), &[entry(1, 32), entry(2, 200), entry(3, 400)])
+            .await
+            .expect("old");
+        c.insert_pack_with_chunks(&pack(new, 2), &[entry(4, 32)])
+            .await
+            .expect("new");
+        assert_eq!(
+            c.list_packs()
+                .await
+                .expect("packs")
+                .iter()
+                .map(|p| p.id)
+                .collect::<Vec<_>>(),
+            vec![old, new]
+        );
+        assert_eq!(c.store_totals().await.expect("totals"), (2, 2000, 4));
+        let in_old = c.pack_chunks(&old).await.expect("chunks");
+        assert_eq!(
+            in_old.iter().map(|(id, _)| id.0[0]).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let moved = ChunkLocation {
+            pack_id: new,
+            offset: 500,
+            len: 101,
+            raw_len: 1000,
+        };
+        // A move naming a chunk that is not in the old pack changes nothing.
+        assert!(c
+            .move_chunks_and_drop_pack(&old, &[(ChunkId([4; 32]), moved)])
+            .await
+            .is_err());
+        assert_eq!(c.store_totals().await.expect("totals"), (2, 2000, 4));
+        assert_eq!(
+            c.move_chunks_and_drop_pack(&old, &[(ChunkId([1; 32]), moved)])
+                .await
+                .expect("move"),
+            2,
+            "the two dead rows go with the pack"
+        );
+        assert_eq!(
+            c.chunk_location(&ChunkId([1; 32])).await.expect("loc"),
+            Some(moved)
+        );
+        assert!(c.get_pack(&old).await.expect("pack").is_none());
+        assert_eq!(c.delete_pack(&new).await.expect("drop"), 2);
+        assert_eq!(c.store_totals().await.expect("totals"), (0, 0, 0));
     }
 
     #[tokio::test]

@@ -5,13 +5,19 @@
 //! All SQL of the gateway lives under this module and nowhere else. A recovery
 //! point becomes visible in exactly one transaction (DESIGN.md §6 rule 3).
 //! `control.rs` holds agents, tokens, VMs and jobs; `data.rs` holds packs,
-//! chunks and recovery points.
+//! chunks and recovery points; `groups.rs` holds protection groups;
+//! `queue.rs` the scheduled-job queue.
 
 mod control;
 mod data;
+mod groups;
+mod queue;
+mod tracking;
 
 pub use control::*;
 pub use data::*;
+pub use groups::*;
+pub use queue::*;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -107,9 +107,24 @@ pub(crate) struct Faults {
     /// Number of upcoming durable writes that fail with ENOSPC halfway.
     #[cfg(test)]
     pub enospc_writes: std::sync::atomic::AtomicU32,
+    /// GC step after which a GC run stops as if the gateway died (0: never).
+    #[cfg(test)]
+    pub gc_stop_after: std::sync::atomic::AtomicU8,
 }
 
 impl Faults {
+    /// True when a test asked GC to stop after `step`.
+    pub fn gc_stop_at(&self, step: u8) -> bool {
+        #[cfg(test)]
+        {
+            if self.gc_stop_after.load(std::sync::atomic::Ordering::SeqCst) == step {
+                return true;
+            }
+        }
+        let _ = step;
+        false
+    }
+
     fn mid_write(&self) -> io::Result<()> {
         #[cfg(test)]
         {
@@ -174,6 +189,12 @@ pub(crate) struct HandleCache {
 impl HandleCache {
     const CAPACITY: usize = 64;
 
+    /// Forgets the handle of a deleted pack, so its disk space is freed.
+    pub fn evict(&self, id: &PackId) {
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(p, _)| p != id);
+    }
+
     pub fn get(&self, layout: &Layout, id: &PackId) -> io::Result<Arc<File>> {
         {
             let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -191,6 +212,98 @@ impl HandleCache {
         }
         g.push((*id, f.clone()));
         Ok(f)
+    }
+}
+
+/// Removes `path` (a missing file is fine) and fsyncs its directory, so the
+/// removal is durable. Returns the bytes the file held.
+pub(crate) fn remove_durably(path: &Path) -> io::Result<u64> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(len)
+}
+
+impl Layout {
+    /// Every `packs/<xx>/<id>.pack` file on disk, with its pack id (files
+    /// with other names are ignored).
+    pub fn pack_files(&self) -> io::Result<Vec<(PackId, PathBuf)>> {
+        let mut out = Vec::new();
+        for sub in fs::read_dir(&self.packs)? {
+            let sub = sub?;
+            if !sub.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(sub.path())? {
+                let path = f?.path();
+                let id = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".pack"))
+                    .and_then(|h| h.parse::<PackId>().ok());
+                if let Some(id) = id {
+                    out.push((id, path));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the index directories of points not in `committed` whose
+    /// directory was last modified more than `age` ago; returns how many.
+    pub fn remove_orphan_indexes(
+        &self,
+        committed: &std::collections::HashSet<PointId>,
+        age: std::time::Duration,
+    ) -> io::Result<u64> {
+        let mut removed = 0;
+        for e in fs::read_dir(&self.indexes)? {
+            let e = e?;
+            let Some(point) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<PointId>().ok())
+            else {
+                continue;
+            };
+            let meta = e.metadata()?;
+            let old = meta
+                .modified()?
+                .elapsed()
+                .is_ok_and(|elapsed| elapsed > age);
+            if meta.is_dir() && old && !committed.contains(&point) {
+                self.remove_point_indexes(&point)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the index directory of `point` (its files, then the
+    /// directory) and fsyncs `indexes/`. A missing directory is fine.
+    pub fn remove_point_indexes(&self, point: &PointId) -> io::Result<()> {
+        let dir = self.indexes.join(point.to_string());
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    fs::remove_file(e?.path())?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        fs::remove_dir(&dir)?;
+        fsync_dir(&self.indexes)
     }
 }
 

@@ -5,8 +5,9 @@
 //! catalog. It receives verified plaintext chunks, seals them (zstd, then
 //! AES-256-GCM under a per-pack key) into ONE open pack at a time, seals full
 //! packs durably, and serves chunks and indexes back. It never commits
-//! recovery points (the API does, after `flush` and `write_index`) and never
-//! deletes packs (GC will).
+//! recovery points (the API does, after `flush` and `write_index`). Packs and
+//! chunks are deleted only by GC (`gc.rs`), which never removes a chunk a
+//! committed point or a running backup may reference.
 //!
 //! # Write ordering (DESIGN.md §6)
 //!
@@ -29,7 +30,9 @@
 //! | `put` dedup decision | other puts | `state` (claims: one put per chunk id at a time) |
 //! | `put` append to the open pack | other puts | `state` (a short, non-async critical section) |
 //! | sealing a pack (rotation or `flush`) | puts (into the next open pack), reads | `seal_lock` (one seal at a time, FIFO) |
-//! | `get`, `read_index`, `verify` | everything | nothing: sealed packs and indexes are immutable |
+//! | `get`, `read_index`, `verify` | everything | nothing: sealed packs and indexes are immutable; a read whose pack GC just replaced looks the chunk up again |
+//! | dedup answers (`lacking`, `put` duplicate, `missing`, `write_index` check) | each other | `sweep` shared, plus a touch (see `gc.rs`) |
+//! | a GC catalog transaction (drop / move a pack) | puts, reads | `sweep` exclusive; one GC at a time (`gc_running`) |
 //!
 //! A chunk is "pending" from its claim until its pack is catalogued: it sits
 //! in `claims`, then in the open pack, then in the sealing pack. Pending
@@ -40,8 +43,11 @@
 //! [`StoreError::DiskFull`] and nothing already accepted is dropped.
 
 mod files;
+mod gc;
 mod verify;
 
+#[cfg(test)]
+mod gc_tests;
 #[cfg(test)]
 mod tests;
 
@@ -61,6 +67,7 @@ use tierback_format::pack::{PackBuilder, TocEntry};
 use crate::catalog::{now_secs, Catalog, CatalogError, ChunkLocation, NewPack};
 use files::{Faults, HandleCache, Layout};
 
+pub use gc::{GcOptions, GcPermit, GcReport, WriterGuard, DEFAULT_COMPACT_BELOW_PERCENT};
 pub use verify::{DamagedChunk, VerifyReport};
 
 /// Tunables of the store.
@@ -197,6 +204,16 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// An index to write names chunks the store does not hold (never
+    /// received, or removed by GC before the backup referenced them).
+    #[error("{count} chunk(s) named by the index are not in the store (never received, or removed by GC); send them and commit again")]
+    ChunksMissing {
+        /// How many.
+        count: usize,
+    },
+    /// Another GC (or prune) is running.
+    #[error("GC already running")]
+    GcRunning,
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -252,6 +269,8 @@ struct State {
     open: Option<OpenPack>,
     sealing: Option<SealingPack>,
     claims: HashSet<ChunkId>,
+    /// While GC runs: packs catalogued since it started (never candidates).
+    gc_new_packs: Option<HashSet<PackId>>,
 }
 
 impl State {
@@ -277,6 +296,12 @@ pub struct ChunkStore {
     cfg: StoreConfig,
     state: Mutex<State>,
     seal_lock: tokio::sync::Mutex<()>,
+    /// Chunk references of running backups, for GC.
+    touches: Arc<gc::TouchLog>,
+    /// Shared by dedup answers, exclusive for GC's catalog transactions.
+    sweep: tokio::sync::RwLock<()>,
+    /// Held by the one running GC.
+    gc_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 const _: () = {
@@ -339,6 +364,9 @@ impl ChunkStore {
             cfg,
             state: Mutex::new(State::default()),
             seal_lock: tokio::sync::Mutex::new(()),
+            touches: Arc::default(),
+            sweep: tokio::sync::RwLock::new(()),
+            gc_running: Arc::default(),
         })
     }
 
@@ -379,10 +407,19 @@ impl ChunkStore {
             .filter(|(i, _)| lacking[*i])
             .map(|(i, id)| (i, *id))
             .unzip();
+        // Lookup and touch under the sweep lock: GC either sees the touch or
+        // has already removed the row (then the chunk is reported lacking).
+        let _sweep = self.sweep.read().await;
         let found = self.catalog.lookup_chunks(&ask).await?;
         for (i, loc) in pos.into_iter().zip(found) {
             lacking[i] = loc.is_none();
         }
+        self.touches.touch(
+            ids.iter()
+                .zip(&lacking)
+                .filter(|(_, l)| !**l)
+                .map(|(id, _)| id),
+        );
         Ok(lacking)
     }
 
@@ -406,10 +443,15 @@ impl ChunkStore {
         }
         let id = self.chunk_id(&hash);
         let Some(_claim) = self.claim(id) else {
+            self.touches.touch([&id]);
             return Ok(PutOutcome::Duplicate);
         };
-        if self.catalog.chunk_location(&id).await?.is_some() {
-            return Ok(PutOutcome::Duplicate);
+        {
+            let _sweep = self.sweep.read().await;
+            if self.catalog.chunk_location(&id).await?.is_some() {
+                self.touches.touch([&id]);
+                return Ok(PutOutcome::Duplicate);
+            }
         }
         let level = self.cfg.zstd_level;
         let raw_len = data.len() as u32;
@@ -429,6 +471,8 @@ impl ChunkStore {
                         StoreError::Internal(format!("appending to the open pack: {e}"))
                     })?;
                     open.ids.insert(id);
+                    drop(st);
+                    self.touches.touch([&id]);
                     // The chunk is pending through the open pack now; the
                     // claim guard's removal is harmless.
                     return Ok(PutOutcome::Stored {
@@ -549,39 +593,79 @@ impl ChunkStore {
                 &entries,
             )
             .await?;
+        if let Some(new) = self.state().gc_new_packs.as_mut() {
+            new.insert(id);
+        }
         tracing::debug!(pack = %id, bytes = size, chunks = entries.len(), "pack sealed");
         Ok(())
     }
 
     /// Which of `ids` are NOT durably catalogued (pending chunks count as
     /// missing). Used at commit to refuse an index naming absent chunks.
+    /// Present ones count as referenced by a running backup (touched).
     pub async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
-        let found = self.catalog.lookup_chunks(ids).await?;
-        Ok(ids
-            .iter()
-            .zip(found)
-            .filter(|(_, l)| l.is_none())
-            .map(|(id, _)| *id)
-            .collect())
+        let mut missing = Vec::new();
+        // Batches, each looked up and touched under the sweep lock, so a
+        // large index never holds GC (and, behind it, other backups) back.
+        for batch in ids.chunks(TOUCH_BATCH) {
+            let _sweep = self.sweep.read().await;
+            let found = self.catalog.lookup_chunks(batch).await?;
+            let (present, absent): (Vec<_>, Vec<_>) =
+                batch.iter().zip(found).partition(|(_, l)| l.is_some());
+            self.touches.touch(present.into_iter().map(|(id, _)| id));
+            missing.extend(absent.into_iter().map(|(id, _)| *id));
+        }
+        Ok(missing)
     }
 
     /// Plaintext of one durable chunk: read from its pack, tag checked,
     /// decompressed and verified against its id.
     pub async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
-        let loc = self
-            .catalog
-            .chunk_location(id)
-            .await?
-            .ok_or(StoreError::NotFound(*id))?;
-        let shared = self.shared.clone();
-        let id = *id;
-        let plain = blocking(move || shared.read_chunk(&id, &loc)).await??;
-        Ok(Bytes::from(plain))
+        let mut retried = false;
+        loop {
+            let loc = self
+                .catalog
+                .chunk_location(id)
+                .await?
+                .ok_or(StoreError::NotFound(*id))?;
+            let shared = self.shared.clone();
+            let cid = *id;
+            match blocking(move || shared.read_chunk(&cid, &loc)).await? {
+                Ok(plain) => return Ok(Bytes::from(plain)),
+                // GC may have moved the chunk and deleted the pack between
+                // the lookup and the read: look again once.
+                Err(e) if !retried => {
+                    retried = true;
+                    if self.catalog.chunk_location(id).await? == Some(loc) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Seals and writes a stream index durably (tmp, fsync, rename, fsync
     /// dir). Call before committing the point that names it (rule 2).
+    /// Refuses ([`StoreError::ChunksMissing`]) an index naming a chunk that
+    /// is not durably stored, e.g. one GC removed while the backup ran; the
+    /// check touches every chunk, so GC keeps them until the backup ends.
     pub async fn write_index(
+        &self,
+        point: &PointId,
+        stream_no: u32,
+        index: &DiskIndex,
+    ) -> Result<(), StoreError> {
+        let ids: Vec<ChunkId> = index.entries.iter().map(|(_, id)| *id).collect();
+        let count = self.missing(&ids).await?.len();
+        if count > 0 {
+            return Err(StoreError::ChunksMissing { count });
+        }
+        self.write_index_unchecked(point, stream_no, index).await
+    }
+
+    /// [`Self::write_index`] without the presence check.
+    pub(crate) async fn write_index_unchecked(
         &self,
         point: &PointId,
         stream_no: u32,
@@ -633,6 +717,9 @@ fn pack_open_error(loc: &ChunkLocation, e: io::Error) -> StoreError {
         }
     }
 }
+
+/// Ids looked up and touched per hold of the sweep lock.
+const TOUCH_BATCH: usize = 16 * crate::catalog::LOOKUP_BATCH;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum SealMode {

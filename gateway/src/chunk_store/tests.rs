@@ -12,15 +12,15 @@ use tierback_format::pack::parse_pack;
 use super::*;
 use crate::catalog::{Catalog, NewPoint, NewStream};
 
-const MASTER: [u8; 32] = [0x11; 32];
+pub(super) const MASTER: [u8; 32] = [0x11; 32];
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    catalog: Catalog,
-    store: ChunkStore,
+pub(super) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub catalog: Catalog,
+    pub store: ChunkStore,
 }
 
-async fn fixture(cfg: StoreConfig) -> Fixture {
+pub(super) async fn fixture(cfg: StoreConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let catalog = Catalog::open(&dir.path().join("catalog.db"))
         .await
@@ -33,7 +33,7 @@ async fn fixture(cfg: StoreConfig) -> Fixture {
     }
 }
 
-async fn open_store(dir: &Path, catalog: &Catalog, cfg: StoreConfig) -> ChunkStore {
+pub(super) async fn open_store(dir: &Path, catalog: &Catalog, cfg: StoreConfig) -> ChunkStore {
     let keys = Keys::derive(&MasterKey::from_bytes(MASTER));
     ChunkStore::open(dir, keys, catalog.clone(), cfg)
         .await
@@ -41,7 +41,7 @@ async fn open_store(dir: &Path, catalog: &Catalog, cfg: StoreConfig) -> ChunkSto
 }
 
 /// Incompressible bytes, distinct per seed.
-fn noise(seed: u64, len: usize) -> Bytes {
+pub(super) fn noise(seed: u64, len: usize) -> Bytes {
     let mut v = vec![0u8; len];
     blake3::Hasher::new()
         .update(&seed.to_le_bytes())
@@ -51,7 +51,7 @@ fn noise(seed: u64, len: usize) -> Bytes {
 }
 
 /// Compressible bytes, distinct per seed.
-fn text(seed: u64, len: usize) -> Bytes {
+pub(super) fn text(seed: u64, len: usize) -> Bytes {
     let line = format!("chunk {seed} of a virtual disk\n");
     Bytes::from(
         line.as_bytes()
@@ -63,14 +63,14 @@ fn text(seed: u64, len: usize) -> Bytes {
     )
 }
 
-async fn put_ok(store: &ChunkStore, data: &Bytes) -> PutOutcome {
+pub(super) async fn put_ok(store: &ChunkStore, data: &Bytes) -> PutOutcome {
     store
         .put(ChunkHash::of(data), data.clone())
         .await
         .expect("put")
 }
 
-fn pack_files(root: &Path) -> Vec<PathBuf> {
+pub(super) fn pack_files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for sub in std::fs::read_dir(root.join("packs")).expect("ls packs") {
         for f in std::fs::read_dir(sub.expect("entry").path()).expect("ls sub") {
@@ -81,7 +81,7 @@ fn pack_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn all_files(root: &Path) -> Vec<String> {
+pub(super) fn all_files(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -97,14 +97,14 @@ fn all_files(root: &Path) -> Vec<String> {
     out
 }
 
-fn small_packs() -> StoreConfig {
+pub(super) fn small_packs() -> StoreConfig {
     StoreConfig {
         pack_target_size: 200 << 10,
         zstd_level: 1,
     }
 }
 
-async fn commit(f: &Fixture, point: PointId, vm: &str, streams: &[Vec<ChunkId>]) {
+pub(super) async fn commit(f: &Fixture, point: PointId, vm: &str, streams: &[Vec<ChunkId>]) {
     let mut rows = Vec::new();
     for (n, ids) in streams.iter().enumerate() {
         let index = DiskIndex {
@@ -478,8 +478,14 @@ async fn index_round_trip_and_tampering() {
         chunk_size: 1 << 20,
         entries: vec![(0, ChunkId([3; 32]))],
     };
-    f.store.write_index(&p, 0, &i0).await.expect("write 0");
-    f.store.write_index(&p, 1, &i1).await.expect("write 1");
+    f.store
+        .write_index_unchecked(&p, 0, &i0)
+        .await
+        .expect("write 0");
+    f.store
+        .write_index_unchecked(&p, 1, &i1)
+        .await
+        .expect("write 1");
     assert_eq!(f.store.read_index(&p, 0).await.expect("read 0"), i0);
     assert_eq!(f.store.read_index(&p, 1).await.expect("read 1"), i1);
     assert!(matches!(
@@ -531,7 +537,7 @@ async fn index_round_trip_and_tampering() {
         entries: vec![(1, ChunkId([1; 32]))],
     };
     assert!(matches!(
-        f.store.write_index(&p, 7, &bad).await,
+        f.store.write_index_unchecked(&p, 7, &bad).await,
         Err(StoreError::InvalidIndex(_))
     ));
     assert!(!f.store.index_path(&p, 7).exists());
@@ -653,7 +659,11 @@ async fn disk_full_writing_an_index() {
         .faults
         .enospc_writes
         .store(1, Ordering::SeqCst);
-    let e = f.store.write_index(&p, 0, &i).await.expect_err("disk full");
+    let e = f
+        .store
+        .write_index_unchecked(&p, 0, &i)
+        .await
+        .expect_err("disk full");
     assert!(
         e.to_string()
             .starts_with("local store disk is full while writing index 0 of point "),
@@ -661,7 +671,7 @@ async fn disk_full_writing_an_index() {
     );
     assert!(all_files(f.dir.path()).iter().all(|p| !p.ends_with(".tmp")));
     f.store
-        .write_index(&p, 0, &i)
+        .write_index_unchecked(&p, 0, &i)
         .await
         .expect("write after space was freed");
     assert_eq!(f.store.read_index(&p, 0).await.expect("read"), i);

@@ -122,8 +122,38 @@ pub(super) async fn run(
         damaged.extend(bad);
     }
 
+    // GC may have moved a chunk (and deleted its old pack) while we read:
+    // a chunk whose location changed since is read again at the new one.
+    let mut confirmed = Vec::with_capacity(damaged.len());
+    for d in damaged {
+        let now = store.catalog.chunk_location(&d.0).await?;
+        match now {
+            Some(loc) if loc.pack_id != d.1 || loc.offset != d.2 => {
+                let shared = store.shared.clone();
+                let id = d.0;
+                match blocking(move || shared.read_chunk(&id, &loc)).await? {
+                    Ok(_) => {}
+                    Err(e) => confirmed.push((d.0, loc.pack_id, loc.offset, e.to_string())),
+                }
+            }
+            _ => confirmed.push(d),
+        }
+    }
+    let mut damaged = confirmed;
+
+    // Prune may have deleted selected points meanwhile: damage that no
+    // committed point needs any more is not damage.
+    if !report.damaged_indexes.is_empty() {
+        let committed: HashSet<PointId> =
+            store.catalog.all_point_ids().await?.into_iter().collect();
+        report
+            .damaged_indexes
+            .retain(|(p, _, _)| committed.contains(p));
+    }
+
     if !damaged.is_empty() {
         let mut refs = points_referencing(store, damaged.iter().map(|d| d.0).collect()).await?;
+        damaged.retain(|d| refs.contains_key(&d.0));
         damaged.sort_by_key(|d| (d.1, d.2));
         report.damaged = damaged
             .into_iter()
