@@ -112,7 +112,7 @@ pub struct BackupOptions {
 }
 
 /// Something that can be read like a virtual disk.
-enum Source {
+pub(crate) enum Source {
     Disk(Box<dyn VirtualDisk>),
     File {
         path: PathBuf,
@@ -122,14 +122,14 @@ enum Source {
 }
 
 impl Source {
-    fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         match self {
             Source::Disk(d) => d.virtual_size(),
             Source::File { size, .. } => *size,
         }
     }
 
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    pub(crate) fn read_at(&self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
         match self {
             Source::Disk(d) => Ok(d.read_at(off, buf)?),
             Source::File { path, file, .. } => {
@@ -141,7 +141,9 @@ impl Source {
     }
 }
 
-fn open_sources(vm: &HostVm) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Vec<DiskInfo>)> {
+pub(crate) fn open_sources(
+    vm: &HostVm,
+) -> anyhow::Result<(Vec<StreamSpec>, Vec<Source>, Vec<DiskInfo>)> {
     let mut specs = Vec::new();
     let mut sources = Vec::new();
     let mut disks = Vec::new();
@@ -218,7 +220,7 @@ pub fn vm_info_with_health(vm: &HostVm, state_dir: &std::path::Path) -> anyhow::
     Ok(info)
 }
 
-fn vm_info_with(vm: &HostVm, disks: Vec<DiskInfo>) -> VmInfo {
+pub(crate) fn vm_info_with(vm: &HostVm, disks: Vec<DiskInfo>) -> VmInfo {
     let d = &vm.descriptor;
     VmInfo {
         id: d.id.to_ascii_lowercase(),

@@ -174,6 +174,47 @@ impl GatewayClient {
         self.post_json("/v1/agent/backups", req).await
     }
 
+    /// Begins a consistency-check session (`?purpose=consistency-check`).
+    pub async fn begin_check(
+        &self,
+        req: &BeginBackupRequest,
+    ) -> anyhow::Result<BeginBackupResponse> {
+        self.post_json(
+            &format!("/v1/agent/backups?purpose={PURPOSE_CONSISTENCY_CHECK}"),
+            req,
+        )
+        .await
+    }
+
+    /// Chunk numbers of a range that differ from the session's base point.
+    pub async fn compare(&self, session: &str, req: &CompareRequest) -> anyhow::Result<Vec<u64>> {
+        let r: CompareResponse = self
+            .post_json(&format!("/v1/agent/backups/{session}/compare"), req)
+            .await?;
+        Ok(r.differing)
+    }
+
+    /// Commits a consistency-check session with its figures.
+    pub async fn commit_check(
+        &self,
+        session: &str,
+        req: &CheckCommitRequest,
+    ) -> anyhow::Result<CommitResponse> {
+        self.post_json(&format!("/v1/agent/backups/{session}/commit"), req)
+            .await
+    }
+
+    /// Gives up a job dispatched to this agent before any session began.
+    pub async fn fail_job(&self, id: &str, message: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .post_json(
+                &format!("/v1/agent/jobs/{id}/fail"),
+                &serde_json::json!({ "message": message }),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Positions of the hashes the gateway lacks.
     pub async fn lack(&self, session: &str, hashes: Vec<ChunkHash>) -> anyhow::Result<Vec<u32>> {
         let r: LackResponse = self
@@ -243,6 +284,23 @@ impl GatewayClient {
         Ok(r.job)
     }
 
+    /// What an offline export of the VM must use (its chunk size).
+    pub async fn seed_params(&self, vm_id: &str) -> anyhow::Result<SeedParamsResponse> {
+        let path = format!("/v1/agent/vms/{vm_id}/seed-params");
+        let b = self.call(reqwest::Method::GET, &path, None).await?;
+        serde_json::from_slice(&b)
+            .with_context(|| format!("decoding the gateway's answer to {path}"))
+    }
+
+    /// Ids of the protection group's VMs on this host.
+    pub async fn seed_members(&self, group: &str) -> anyhow::Result<Vec<String>> {
+        let path = format!("/v1/agent/groups/{}/seed-members", path_segment(group));
+        let b = self.call(reqwest::Method::GET, &path, None).await?;
+        let r: SeedMembersResponse = serde_json::from_slice(&b)
+            .with_context(|| format!("decoding the gateway's answer to {path}"))?;
+        Ok(r.vm_ids)
+    }
+
     pub async fn abort(&self, session: &str) {
         let _ = self
             .once(
@@ -277,4 +335,16 @@ fn is_tls_rejection(e: &reqwest::Error) -> bool {
         cause = c.source();
     }
     false
+}
+
+/// Percent-encodes one URL path segment.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -7,7 +7,9 @@
 pub mod backup;
 pub mod changes;
 pub mod client;
+pub mod consistency;
 pub mod disk;
 pub mod host;
 pub mod run;
+pub mod seed;
 pub mod state;

@@ -69,6 +69,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Export the first full of VMs to a folder (removable media) as an
+    /// encrypted offline seed, for `tierback-gateway import`. Prints the seed
+    /// key once; it is never written to the media.
+    Export {
+        #[arg(long, env = "TIERBACK_AGENT_STATE")]
+        state_dir: PathBuf,
+        /// VM name or id (repeat for several VMs; each gets `<to>/<vm id>/`).
+        #[arg(long, required_unless_present = "group")]
+        vm: Vec<String>,
+        /// Every VM of this protection group on this host (asked of the gateway).
+        #[arg(long)]
+        group: Option<String>,
+        /// Folder to write the seed(s) into.
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Long-running: take the backups the gateway scheduled for this host's VMs
     /// until SIGINT/SIGTERM (then finish the running ones).
     Run {
@@ -80,6 +98,17 @@ enum Cmd {
         /// Seconds between polls when there is nothing to do (1–3600).
         #[arg(long, default_value = "15")]
         poll_secs: String,
+    },
+    /// Consistency check: read every disk in full, compare with the gateway's
+    /// newest point, send what differs and commit a repaired point.
+    ConsistencyCheck {
+        #[arg(long, env = "TIERBACK_AGENT_STATE")]
+        state_dir: PathBuf,
+        /// VM name or id.
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -216,6 +245,18 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             concurrency,
             poll_secs,
         } => run_jobs(state_dir, &concurrency, &poll_secs).await?,
+        Cmd::ConsistencyCheck {
+            state_dir,
+            vm,
+            json,
+        } => tierback_agent::consistency::run_cli(&state_dir, &vm, json).await?,
+        Cmd::Export {
+            state_dir,
+            vm,
+            group,
+            to,
+            json,
+        } => export(state_dir, vm, group, to, json).await?,
         Cmd::Backup {
             state_dir,
             vm,
@@ -275,6 +316,81 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `export`: one seed key for every VM of the run, printed once at the end.
+async fn export(
+    state_dir: PathBuf,
+    mut vms: Vec<String>,
+    group: Option<String>,
+    to: PathBuf,
+    json: bool,
+) -> anyhow::Result<()> {
+    use tierback_agent::seed::{export_vm, ExportOptions};
+    let st = AgentState::load(&state_dir)?;
+    let host = FolderHost::new(&st.cfg.host_root);
+    let client = GatewayClient::new(&st.cfg.gateway, &st.cfg.fingerprint, Some(st.credential))?;
+    if let Some(g) = &group {
+        let ids = client.seed_members(g).await?;
+        if ids.is_empty() {
+            anyhow::bail!("protection group {g:?} has no VM on this host");
+        }
+        vms.extend(ids);
+    }
+    let mut found = vms
+        .iter()
+        .map(|v| host.find_vm(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|v| seen.insert(v.descriptor.id.to_ascii_lowercase()));
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    let opts = ExportOptions {
+        to,
+        state_dir: state_dir.clone(),
+        agent_id: st.cfg.agent_id.clone(),
+        progress: !json,
+        file_target: 1 << 30,
+    };
+    let key = tierback_format::seed::SeedKey::generate();
+    let mut reports = Vec::new();
+    for hv in &found {
+        let r = export_vm(&client, hv, &opts, &key)
+            .await
+            .with_context(|| format!("exporting VM {}", hv.descriptor.name))?;
+        if !json {
+            println!(
+                "exported {} to {}: {} chunk(s), {} of data, {} on the media ({} duplicate, {} zero chunk(s)); point {} in {:.1} s",
+                r.vm_name,
+                r.dir,
+                r.chunks,
+                human(r.bytes),
+                human(r.file_bytes),
+                r.duplicate_chunks,
+                r.zero_chunks,
+                r.point,
+                r.seconds
+            );
+        }
+        reports.push(r);
+    }
+    let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    let chunks: u64 = reports.iter().map(|r| r.chunks).sum();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "seed_key": key.to_string(),
+                "bytes": bytes,
+                "chunks": chunks,
+                "vms": reports,
+            }))?
+        );
+    } else {
+        println!();
+        println!("SEED KEY (shown once, never stored on the media; keep it apart from the media and give it to `tierback-gateway import --seed-key`):");
+        println!("  {key}");
     }
     Ok(())
 }

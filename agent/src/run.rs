@@ -1,5 +1,6 @@
 //! `tierback-agent run`: takes the jobs the gateway's scheduler queued for
-//! this host's VMs (`POST /v1/agent/jobs/next`) and runs their backups, at
+//! this host's VMs (`POST /v1/agent/jobs/next`) and runs their backups
+//! (and consistency checks, `consistency::check_vm`), at
 //! most `concurrency` at a time, until shutdown. The gateway owns schedules;
 //! this loop only polls and runs. On shutdown it takes no new job and waits
 //! for the backups in progress.
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backup::{self, BackupOptions};
 use crate::client::GatewayClient;
+use crate::consistency::{self, CheckOptions};
 use crate::host::{FolderHost, HostProvider};
 use crate::state::AgentState;
 
@@ -100,10 +102,29 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
                 Ok(vm) => vm,
                 Err(e) => {
                     tracing::error!(job = %job.id, vm = %job.vm_name, error = %e, "job failed: VM not on this host");
+                    give_up(&client, &job.id, &format!("{e:#}")).await;
                     return false;
                 }
             };
             let opts = backup_opts(job.full, state_dir);
+            if job.kind == tierback_format::wire::PURPOSE_CONSISTENCY_CHECK {
+                let copts = CheckOptions {
+                    state_dir: opts.state_dir.clone(),
+                    lack_batch: opts.lack_batch,
+                    upload_batch_bytes: opts.upload_batch_bytes,
+                };
+                return match consistency::check_vm(&client, &vm, &copts).await {
+                    Ok(r) => {
+                        tracing::info!(job = %job.id, vm = %job.vm_name, point = %r.point, differing = r.chunks_differing, "consistency check succeeded");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %job.id, vm = %job.vm_name, error = %format!("{e:#}"), "consistency check failed");
+                        give_up(&client, &job.id, &format!("{e:#}")).await;
+                        false
+                    }
+                };
+            }
             match backup::backup_vm(&client, &vm, &opts).await {
                 Ok(r) => {
                     tracing::info!(job = %job.id, vm = %job.vm_name, point = %r.point, "job succeeded");
@@ -111,6 +132,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
                 }
                 Err(e) => {
                     tracing::error!(job = %job.id, vm = %job.vm_name, error = %format!("{e:#}"), "job failed");
+                    give_up(&client, &job.id, &format!("{e:#}")).await;
                     false
                 }
             }
@@ -124,6 +146,15 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
         count(&mut summary, done);
     }
     Ok(summary)
+}
+
+/// Fails a job that failed before its session began (else it would stay
+/// `dispatched` until the gateway's timeout); a job whose session began was
+/// already ended by the session.
+async fn give_up(client: &GatewayClient, id: &str, message: &str) {
+    if let Err(e) = client.fail_job(id, message).await {
+        tracing::warn!(job = %id, error = %format!("{e:#}"), "could not report the failed job");
+    }
 }
 
 fn count(s: &mut RunSummary, done: Result<bool, tokio::task::JoinError>) {

@@ -14,5 +14,6 @@ pub mod magic;
 pub mod pack;
 #[cfg(feature = "pin")]
 pub mod pin;
+pub mod seed;
 pub mod vhdx;
 pub mod wire;

@@ -23,6 +23,12 @@ pub const INDEX_MAGIC: [u8; 8] = *b"TBINDX01";
 /// First 8 bytes of a pack's table of contents (plaintext, before sealing).
 pub const TOC_MAGIC: [u8; 8] = *b"TBPKTOC1";
 
+/// First 8 bytes of an offline seed's data file (`data-NNNNNN.tbs`).
+pub const SEED_DATA_MAGIC: [u8; 8] = *b"TBSEED01";
+
+/// First 8 bytes of an offline seed's manifest (`manifest.tbs`).
+pub const SEED_MANIFEST_MAGIC: [u8; 8] = *b"TBSEEDM1";
+
 /// Version of the JSON key file (`KeyFile::version`).
 pub const KEYFILE_VERSION: u32 = 1;
 
@@ -59,6 +65,11 @@ pub enum ObjectType {
     /// The master key wrapped in a key file; object id = wrap label
     /// (`b"passphrase"` or `b"recovery"`).
     KeyWrap = 5,
+    /// One chunk record in an offline seed's data file; object id = seed id
+    /// ‖ file number (u32 LE) ‖ record offset (u64 LE).
+    SeedRecord = 6,
+    /// An offline seed's manifest; object id = seed id.
+    SeedManifest = 7,
 }
 
 impl ObjectType {
@@ -85,6 +96,10 @@ mod tests {
         assert_eq!(ObjectType::Index.as_byte(), 3);
         assert_eq!(ObjectType::Manifest.as_byte(), 4);
         assert_eq!(ObjectType::KeyWrap.as_byte(), 5);
+        assert_eq!(ObjectType::SeedRecord.as_byte(), 6);
+        assert_eq!(ObjectType::SeedManifest.as_byte(), 7);
+        assert_eq!(&SEED_DATA_MAGIC, b"TBSEED01");
+        assert_eq!(&SEED_MANIFEST_MAGIC, b"TBSEEDM1");
         assert_eq!(MAX_CHUNK_SIZE, 8 * 1024 * 1024);
         assert_eq!(MAX_INDEX_CHUNK_SIZE as usize, MAX_CHUNK_SIZE);
     }

@@ -448,7 +448,7 @@ pub struct JobSummary {
 pub struct AgentJob {
     /// Job id; the backup session the agent begins for `vm_id` adopts it.
     pub id: String,
-    /// "backup".
+    /// "backup" or "consistency-check" ([`PURPOSE_CONSISTENCY_CHECK`]).
     pub kind: String,
     /// VM id.
     pub vm_id: String,
@@ -465,6 +465,52 @@ pub struct AgentJob {
 pub struct NextJobResponse {
     /// The oldest queued job for a VM of the caller's host, if any.
     pub job: Option<AgentJob>,
+}
+
+/// `GET /v1/agent/vms/{vm}/seed-params`: what an offline export must use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeedParamsResponse {
+    /// Chunk size of the VM (its protection group's, else the gateway's).
+    pub chunk_size: u32,
+}
+
+/// `GET /v1/agent/groups/{name}/seed-members`: the VMs of a protection
+/// group last reported by the calling agent (what `export --group` exports).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeedMembersResponse {
+    /// VM ids, by VM name.
+    pub vm_ids: Vec<String>,
+}
+
+/// `POST /v1/admin/import/begin`: the manifest of an offline seed, less its
+/// indexes (sent per stream like a backup's) and file list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportBeginRequest {
+    /// Seed id (32 hex), recorded in the job message.
+    pub seed_id: String,
+    /// The agent that exported it (must be enrolled).
+    pub agent_id: String,
+    /// Point id to commit (chosen at export; refused if it exists).
+    pub point: String,
+    /// The VM.
+    pub vm: VmInfo,
+    /// Chunk size of the seed's streams.
+    pub chunk_size: u32,
+    /// Streams, as in [`BeginBackupRequest`] (no `base_stream`).
+    pub streams: Vec<StreamSpec>,
+}
+
+/// `POST /v1/admin/import/{session}/commit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImportCommitRequest {
+    /// The point to commit (the seed's, as at begin).
+    pub point: String,
+    /// The seed's id (recorded in the job message).
+    pub seed_id: String,
+    /// The exporting agent (recorded as the point's maker).
+    pub agent_id: String,
+    /// Plaintext bytes of the chunks imported.
+    pub bytes: u64,
 }
 
 // ---- binary framings ------------------------------------------------------
@@ -547,6 +593,63 @@ pub fn decode_stream_index(body: &[u8]) -> Result<Vec<(u64, ChunkHash)>, FrameEr
 
 /// Id of the chunk in the index of a point; re-exported for convenience.
 pub type StoredChunkId = ChunkId;
+
+// ---- consistency checks ---------------------------------------------------
+
+/// Query of `POST /v1/agent/backups?purpose=consistency-check`: the session
+/// is a consistency check (its job and point are of kind `consistency-check`).
+pub const PURPOSE_CONSISTENCY_CHECK: &str = "consistency-check";
+
+/// One chunk as the source reads it now, for [`CompareRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareEntry {
+    pub chunk_no: u64,
+    /// Plaintext BLAKE3 of the chunk (non-zero chunks only).
+    pub hash: ChunkHash,
+}
+
+/// `POST /v1/agent/backups/{session}/compare`: the non-zero chunks of stream
+/// `stream` with numbers in `first..end` as the source reads them now; every
+/// other chunk number of that range reads as zero.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareRequest {
+    pub stream: u32,
+    pub first: u64,
+    pub end: u64,
+    pub chunks: Vec<CompareEntry>,
+}
+
+/// Chunk numbers of the range whose content differs from the base point's
+/// index (different id, or present on one side only), ascending.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CompareResponse {
+    pub differing: Vec<u64>,
+}
+
+/// What a consistency check found on one disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCheckFigures {
+    pub index: u32,
+    pub path: String,
+    /// Chunk numbers compared (every chunk of the disk).
+    pub chunks_compared: u64,
+    /// Chunks whose content differs from the newest point.
+    pub chunks_differing: u64,
+    /// Bytes of those chunks.
+    pub bytes_differing: u64,
+    /// Chunk bytes sent to repair them (the gateway lacked them).
+    pub bytes_sent: u64,
+}
+
+/// Commit of a consistency-check session: the usual commit plus the
+/// figures, which become the job's message.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckCommitRequest {
+    #[serde(flatten)]
+    pub commit: CommitRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Vec<DiskCheckFigures>>,
+}
 
 #[cfg(test)]
 mod tests {

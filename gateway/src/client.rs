@@ -81,6 +81,23 @@ impl AdminClient {
         r.json().await.context("decoding the gateway's answer")
     }
 
+    /// POST of a binary body; the JSON answer.
+    pub async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<T> {
+        let r = self
+            .send(
+                self.http
+                    .post(self.url(path))
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body),
+            )
+            .await?;
+        r.json().await.context("decoding the gateway's answer")
+    }
+
     /// A streaming GET.
     pub async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         self.send(self.http.get(self.url(path))).await

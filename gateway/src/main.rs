@@ -9,8 +9,10 @@ use tierback_format::wire::*;
 use tierback_gateway::client::AdminClient;
 use tierback_gateway::restore::{self, DiskFormat};
 
+mod cc_cli;
 mod gc_cli;
 mod group_cli;
+mod import_cli;
 
 #[derive(Parser)]
 #[command(
@@ -170,6 +172,10 @@ enum Cmd {
     Prune(gc_cli::PruneArgs),
     /// Garbage-collect the local store: delete packs no recovery point needs, compact sparse ones.
     Gc(gc_cli::GcArgs),
+    /// Import an offline seed (from `tierback-agent export`) into the running gateway as the VM's first full.
+    Import(import_cli::ImportArgs),
+    /// Consistency check: the VM's agent reads every disk in full, compares with the newest point and repairs it; waits and reports what differed.
+    ConsistencyCheck(cc_cli::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -405,6 +411,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Space { conn } => return group_cli::run_space(conn).await,
         Cmd::Prune(args) => return gc_cli::run_prune(args).await,
         Cmd::Gc(args) => return gc_cli::run_gc(args).await,
+        Cmd::Import(args) => return import_cli::run_import(args).await,
+        Cmd::ConsistencyCheck(args) => return cc_cli::run_check(args).await,
         Cmd::Jobs { conn } => {
             let jobs: Vec<JobSummary> = conn.client()?.get_json("/v1/admin/jobs").await?;
             if conn.json {

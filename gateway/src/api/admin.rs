@@ -29,7 +29,7 @@ type CachedIndex = ((PointId, u32), Arc<DiskIndex>);
 impl IndexCache {
     const CAPACITY: usize = 8;
 
-    async fn get(
+    pub(crate) async fn get(
         &self,
         st: &SharedState,
         point: PointId,

@@ -86,11 +86,29 @@ fn validate_vm(vm: &VmInfo) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Query of `POST /v1/agent/backups`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BeginQuery {
+    /// `consistency-check`: the session is a consistency check.
+    #[serde(default)]
+    purpose: Option<String>,
+}
+
 pub async fn begin_backup(
     State(st): State<SharedState>,
     AgentAuth(agent): AgentAuth,
+    axum::extract::Query(q): axum::extract::Query<BeginQuery>,
     Json(req): Json<BeginBackupRequest>,
 ) -> Result<Json<BeginBackupResponse>, ApiError> {
+    let kind = match q.purpose.as_deref() {
+        None | Some("backup") => "backup",
+        Some(PURPOSE_CONSISTENCY_CHECK) => PURPOSE_CONSISTENCY_CHECK,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown backup purpose {other:?}"
+            )))
+        }
+    };
     record_vm(&st, &agent.id, &req.vm).await?;
     for (i, s) in req.streams.iter().enumerate() {
         if s.stream_no as usize != i {
@@ -112,7 +130,7 @@ pub async fn begin_backup(
     }
     let base_point = check_base(&st, &req).await?;
     let session_id = random_secret()[..32].to_string();
-    let job_id = super::jobs::job_for_backup(&st, &req.vm, &agent.id).await?;
+    let job_id = super::jobs::job_for_backup(&st, &req.vm, &agent.id, kind).await?;
     // A protection group's chunk size wins over the gateway's default.
     let chunk_size = super::groups::chunk_size_for_vm(&st, &req.vm.id).await?;
     // The first point of a VM is a full whatever the agent asked.
@@ -356,15 +374,20 @@ pub async fn commit(
     State(st): State<SharedState>,
     AgentAuth(agent): AgentAuth,
     Path(sid): Path<String>,
-    Json(req): Json<CommitRequest>,
+    Json(full_req): Json<CheckCommitRequest>,
 ) -> Result<Json<CommitResponse>, ApiError> {
+    let req = &full_req.commit;
     let sess = session(&st, &sid, &agent.id).await?;
     let mut s = sess.lock().await;
     let job_id = s.job_id.clone();
-    match commit_locked(&st, &agent.id, &mut s, &req).await {
+    let check = full_req.consistency.as_deref();
+    match commit_locked(&st, &agent.id, &mut s, req, check.is_some()).await {
         Ok(resp) => {
             st.sessions.remove(&sid);
-            let mut message = format!("point {}", resp.point);
+            let mut message = match check {
+                Some(disks) => super::consistency::check_message(&resp.point, disks),
+                None => format!("point {}", resp.point),
+            };
             if !req.alerts.is_empty() {
                 message += &format!("; ALERTS: {}", req.alerts.join("; "));
             }
@@ -387,6 +410,7 @@ async fn commit_locked(
     agent_id: &str,
     s: &mut Session,
     req: &CommitRequest,
+    consistency_check: bool,
 ) -> Result<CommitResponse, ApiError> {
     // Rule 1: every chunk durable before an index names it.
     st.store.flush().await?;
@@ -487,7 +511,9 @@ async fn commit_locked(
             vm_id: s.vm.id.clone(),
             vm_name: s.vm.name.clone(),
             created_at: crate::catalog::now_secs(),
-            kind: if s.full {
+            // A consistency check's point is an incremental (the points
+            // table allows full | incremental); its job says what it was.
+            kind: if s.full && !consistency_check {
                 "full".into()
             } else {
                 "incremental".into()

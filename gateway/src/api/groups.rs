@@ -253,7 +253,10 @@ pub async fn delete(
 }
 
 /// The one VM an admin means by `key` (id, or name when unambiguous).
-async fn resolve_vm(st: &SharedState, key: &str) -> Result<crate::catalog::VmRef, ApiError> {
+pub(crate) async fn resolve_vm(
+    st: &SharedState,
+    key: &str,
+) -> Result<crate::catalog::VmRef, ApiError> {
     let mut vms = st.catalog.find_vms(key).await?;
     match vms.len() {
         0 => Err(ApiError::NotFound(format!(

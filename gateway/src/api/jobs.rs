@@ -40,6 +40,7 @@ pub async fn job_for_backup(
     st: &SharedState,
     vm: &VmInfo,
     agent_id: &str,
+    kind: &str,
 ) -> Result<String, ApiError> {
     if let Some(id) = st
         .catalog
@@ -50,7 +51,30 @@ pub async fn job_for_backup(
     }
     let id = format!("job-{}", &random_secret()[..16]);
     st.catalog
-        .start_job(&id, "backup", &vm.id, &vm.name, agent_id)
+        .start_job(&id, kind, &vm.id, &vm.name, agent_id)
         .await?;
     Ok(id)
+}
+
+/// `POST /v1/agent/jobs/{id}/fail` `{"message"}`: the agent gives up a job
+/// dispatched to it before any session began (VM not on this host, nothing
+/// to check …); the job ends `failed` with the message.
+pub async fn fail(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Json(req): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let message = req
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("the agent gave the job up")
+        .chars()
+        .take(2000)
+        .collect::<String>();
+    let failed = st
+        .catalog
+        .fail_dispatched_job(&id, &agent.id, &message, now_secs())
+        .await?;
+    Ok(Json(serde_json::json!({ "failed": failed })))
 }

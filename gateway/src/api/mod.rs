@@ -9,7 +9,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod consistency;
 pub mod groups;
+pub mod import;
 pub mod jobs;
 pub mod maintenance;
 mod session;
@@ -55,6 +57,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/agent/backups/{session}/abort", post(agent::abort))
         .route("/v1/agent/vms/{vm}/last-point", get(agent::last_point))
         .route("/v1/agent/jobs/next", get(jobs::next).post(jobs::next))
+        .route(
+            "/v1/agent/backups/{session}/compare",
+            post(consistency::compare),
+        )
+        .route("/v1/agent/jobs/{id}/fail", post(jobs::fail))
         .layer(DefaultBodyLimit::max(
             tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20),
         ));
@@ -86,12 +93,14 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::delete(groups::remove_member),
         )
         .route("/v1/admin/space", get(groups::space))
+        .route("/v1/admin/consistency-checks", post(consistency::enqueue))
         .layer(DefaultBodyLimit::max(1 << 20));
     Router::new()
         .route("/v1/enroll", post(agent::enroll))
         .route("/v1/health", get(|| async { "ok" }))
         .merge(agent)
         .merge(admin)
+        .merge(import::routes())
         .fallback(|| async { ApiError::NotFound("no such API route".into()) })
         .with_state(state)
 }

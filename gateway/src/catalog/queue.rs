@@ -131,6 +131,45 @@ impl Catalog {
         Ok(enqueued)
     }
 
+    /// Queues a consistency-check job (kind `consistency-check`) unless one
+    /// for the VM is already queued, dispatched or running (then its id);
+    /// a group member's last check is set to `now`. It may queue beside a
+    /// backup: an agent gets one job of a VM at a time ([`Self::take_next_job`]).
+    pub async fn enqueue_check(&self, j: &NewQueuedJob, now: i64) -> Result<Option<String>> {
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE vm_id = ? AND kind = 'consistency-check'
+             AND state IN ('queued', 'dispatched', 'running') LIMIT 1",
+        )
+        .bind(&j.vm_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if existing.is_none() {
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, vm_id, vm_name, agent_id, state, started_at,
+                                   message, full, window_at, group_name)
+                 VALUES (?, 'consistency-check', ?, ?, ?, 'queued', ?, ?, 0, ?, ?)",
+            )
+            .bind(&j.id)
+            .bind(&j.vm_id)
+            .bind(&j.vm_name)
+            .bind(&j.agent_id)
+            .bind(now)
+            .bind(&j.message)
+            .bind(j.window_at)
+            .bind((!j.group_name.is_empty()).then_some(&j.group_name))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE group_members SET last_consistency_check = ? WHERE vm_id = ?")
+                .bind(now)
+                .bind(&j.vm_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(existing)
+    }
+
     /// Hands the oldest queued job of a VM on this agent's host to the agent
     /// (`queued` → `dispatched`).
     pub async fn take_next_job(
@@ -143,6 +182,8 @@ impl Catalog {
             "SELECT j.id, j.kind, j.vm_id, v.name AS vm_name, j.full, j.window_at
              FROM jobs j JOIN vms v ON v.id = j.vm_id
              WHERE j.state = 'queued' AND v.agent_id = ?
+               AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.vm_id = j.vm_id
+                               AND k.state IN ('dispatched', 'running'))
              ORDER BY j.started_at, j.id LIMIT 1",
         )
         .bind(agent_id)
@@ -182,6 +223,29 @@ impl Catalog {
         .bind(agent_id)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// An agent gives up a job dispatched to it before any session began
+    /// (`dispatched` → `failed` with its message); `false` if it was not
+    /// dispatched to that agent.
+    pub async fn fail_dispatched_job(
+        &self,
+        id: &str,
+        agent_id: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'failed', finished_at = ?, message = ?
+             WHERE id = ? AND agent_id = ? AND state = 'dispatched'",
+        )
+        .bind(now)
+        .bind(message)
+        .bind(id)
+        .bind(agent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Jobs dispatched before `before` whose backup never began are failed.
@@ -377,6 +441,10 @@ mod tests {
             .expect("take")
             .expect("job");
         assert_eq!(j.id, "j1");
+        assert!(!c
+            .fail_dispatched_job("j1", "a2", "no", 200)
+            .await
+            .expect("fail"));
         assert_eq!(c.fail_stale_dispatched(150, 300).await.expect("stale"), 0);
         assert_eq!(c.fail_stale_dispatched(201, 300).await.expect("stale"), 1);
         assert_eq!(c.list_jobs(1).await.expect("jobs")[0].state, "failed");

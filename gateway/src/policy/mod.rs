@@ -9,6 +9,7 @@
 //! Parsers return one-line messages meant for the admin (the CLI prints them as
 //! `error: …`, the API answers them with 400).
 
+pub mod consistency;
 pub mod retention;
 pub mod schedule;
 pub mod space;

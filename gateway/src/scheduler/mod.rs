@@ -2,7 +2,9 @@
 //! `policy::schedule::plan` for each protection-group member and enqueues the
 //! due backup as a `queued` job (agents take them with
 //! `POST /v1/agent/jobs/next`). Missed windows are logged and written into the
-//! job's message, never silently dropped.
+//! job's message, never silently dropped. Due consistency checks (daily
+//! window, or a member found inconsistent: `policy::consistency`) are
+//! queued as `consistency-check` jobs the same way.
 //!
 //! It never runs a backup itself and never touches the chunk store; all its
 //! state is in the catalog (the members' last-run times and the jobs), so a
@@ -15,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::rfc3339;
 use crate::catalog::{now_secs, Catalog, NewQueuedJob, Result, Settled};
+use crate::policy::consistency::{self, CheckTrigger};
 use crate::policy::schedule::{self, LastRuns, RunKind};
 use crate::policy::GroupPolicy;
+use tierback_format::wire::{TrackingHealth, VmInfo};
 
 /// How often the scheduler looks at the schedules.
 pub const TICK: Duration = Duration::from_secs(30);
@@ -32,8 +36,11 @@ pub struct TickReport {
     pub busy: u64,
     /// Missed windows found (all members, all kinds).
     pub missed: u64,
-    /// Consistency checks that fell due (not run: not built yet).
+    /// Consistency checks that fell due (daily window, or a member found
+    /// inconsistent under `only-when-inconsistent`).
     pub consistency_checks_due: u64,
+    /// Ids of the consistency-check jobs enqueued.
+    pub checks_enqueued: Vec<String>,
 }
 
 /// One pass at `now` (unix seconds, UTC).
@@ -48,6 +55,21 @@ pub async fn tick(catalog: &Catalog, now: i64) -> Result<TickReport> {
         }
     }
     let mut report = TickReport::default();
+    // Change-tracking health of each VM's disks as its agent last reported it.
+    let health: HashMap<String, Vec<(String, Option<TrackingHealth>)>> = catalog
+        .list_vms()
+        .await?
+        .into_iter()
+        .filter_map(|v| {
+            let info: VmInfo = serde_json::from_str(&v.descriptor).ok()?;
+            let disks = info
+                .disks
+                .into_iter()
+                .map(|d| (format!("disk {} ({})", d.index, d.path), d.tracking))
+                .collect();
+            Some((v.id, disks))
+        })
+        .collect();
     for m in catalog.member_schedules().await? {
         let Some(policy) = policies.get(&m.group_name) else {
             continue;
@@ -58,7 +80,17 @@ pub async fn tick(catalog: &Catalog, now: i64) -> Result<TickReport> {
             consistency_check: m.last_consistency_check,
         };
         let plan = schedule::plan(policy, m.added_at, &last, now);
-        if plan.due_backup.is_none() && plan.due_consistency_check.is_none() {
+        let inconsistent = health
+            .get(&m.vm_id)
+            .and_then(|d| consistency::inconsistency(d));
+        let trigger = consistency::check_due(
+            policy.consistency_check,
+            plan.due_consistency_check,
+            inconsistent.as_deref(),
+            m.last_consistency_check,
+            now,
+        );
+        if plan.due_backup.is_none() && plan.due_consistency_check.is_none() && trigger.is_none() {
             continue;
         }
         let settled = Settled {
@@ -122,9 +154,32 @@ pub async fn tick(catalog: &Catalog, now: i64) -> Result<TickReport> {
             }
             (None, _) => {}
         }
-        if let Some(at) = plan.due_consistency_check {
+        if let Some(t) = trigger {
             report.consistency_checks_due += 1;
-            tracing::warn!(group = %m.group_name, vm = %m.vm_name, window = %rfc3339(at), "consistency check due; scheduled consistency checks are not built yet");
+            let (window_at, message) = match &t {
+                CheckTrigger::Scheduled(w) => (
+                    *w,
+                    format!("scheduled consistency check for the {} window", rfc3339(*w)),
+                ),
+                CheckTrigger::Inconsistent(why) => (
+                    now,
+                    format!("consistency check: the replica may be inconsistent: {why}"),
+                ),
+            };
+            let job = NewQueuedJob {
+                id: format!("job-{}", &crate::api::random_secret()[..16]),
+                vm_id: m.vm_id.clone(),
+                vm_name: m.vm_name.clone(),
+                agent_id: m.agent_id.clone(),
+                group_name: m.group_name.clone(),
+                full: false,
+                window_at,
+                message: Some(message),
+            };
+            if catalog.enqueue_check(&job, now).await?.is_none() {
+                tracing::info!(group = %m.group_name, vm = %m.vm_name, job = %job.id, trigger = ?t, "consistency check queued");
+                report.checks_enqueued.push(job.id);
+            }
         }
     }
     let stale = catalog
@@ -195,6 +250,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_inconsistent_member_gets_one_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("open");
+        c.add_enroll_token(b"t", now_secs() + 60)
+            .await
+            .expect("tok");
+        c.enroll_agent(b"t", "a1", "hv", b"s").await.expect("enrol");
+        let vm = |state: &str| {
+            serde_json::json!({"id": "vm1", "name": "web01", "generation": 2,
+                "config_version": "9.0", "state": "Running", "folder": "/h/web01",
+                "disks": [{"index": 0, "path": "a.vhdx", "controller": "SCSI", "location": "0:0",
+                    "virtual_size": 1, "logical_sector_size": 512, "physical_sector_size": 4096,
+                    "format": "vhdx", "tracking": {"state": state, "method": "compare"}}]})
+            .to_string()
+        };
+        c.upsert_vm("vm1", "web01", "a1", "Running", &vm("tracking"))
+            .await
+            .expect("vm");
+        // Only when inconsistent (the default), no backup window near.
+        c.create_group(&GroupRow::new("g", &GroupPolicy::default(), D0))
+            .await
+            .expect("group");
+        c.add_group_member("g", "vm1", D0).await.expect("add");
+        let t = D0 + 60;
+        assert!(tick(&c, t).await.expect("tick").checks_enqueued.is_empty());
+        c.upsert_vm("vm1", "web01", "a1", "Running", &vm("fallback"))
+            .await
+            .expect("vm");
+        let r = tick(&c, t + 1).await.expect("tick");
+        assert_eq!((r.checks_enqueued.len(), r.consistency_checks_due), (1, 1));
+        // Not again while it is queued, nor within the re-trigger time.
+        assert!(tick(&c, t + 2)
+            .await
+            .expect("tick")
+            .checks_enqueued
+            .is_empty());
+        let j = c
+            .take_next_job("a1", t + 3)
+            .await
+            .expect("take")
+            .expect("job");
+        assert_eq!(j.kind, "consistency-check");
+        c.adopt_dispatched_job("vm1", "a1", t + 4)
+            .await
+            .expect("adopt");
+        c.finish_job(&j.id, "failed", "x", None)
+            .await
+            .expect("finish");
+        assert!(tick(&c, t + 5)
+            .await
+            .expect("tick")
+            .checks_enqueued
+            .is_empty());
+        let later = t + 1 + crate::policy::consistency::RETRIGGER_SECS;
+        assert_eq!(
+            tick(&c, later).await.expect("tick").checks_enqueued.len(),
+            1
+        );
+    }
+
+    #[tokio::test]
     async fn ticks_enqueue_due_backups_once_and_report_missed_windows() {
         let (_d, c) = setup().await;
         // 00:30: nothing due yet.
@@ -220,10 +338,33 @@ mod tests {
             (r.enqueued.len(), r.busy, r.consistency_checks_due),
             (0, 1, 1)
         );
+        // The daily check is queued beside the backup job but not handed
+        // out while the VM's backup is out.
+        assert_eq!(r.checks_enqueued.len(), 1);
+        assert!(c
+            .take_next_job("a1", D0 + 7250)
+            .await
+            .expect("take")
+            .is_none());
         c.adopt_dispatched_job("vm1", "a1", D0 + 7300)
             .await
             .expect("adopt");
         c.finish_job(&j.id, "succeeded", "ok", None)
+            .await
+            .expect("finish");
+        let cc = c
+            .take_next_job("a1", D0 + 7400)
+            .await
+            .expect("take")
+            .expect("check job");
+        assert_eq!(
+            (cc.id.as_str(), cc.kind.as_str()),
+            (r.checks_enqueued[0].as_str(), "consistency-check")
+        );
+        c.adopt_dispatched_job("vm1", "a1", D0 + 7401)
+            .await
+            .expect("adopt");
+        c.finish_job(&cc.id, "succeeded", "ok", None)
             .await
             .expect("finish");
         // Down from 02:00 to 20:30: the 20:00 express full is due, the
