@@ -471,26 +471,9 @@ async fn commit_locked(
                 missing.len()
             )));
         }
-        for (n, _) in &index.entries {
-            logical_bytes += cs.min(spec.size - n * cs);
-        }
-        // Rule 2: the index is durable before the point that names it.
-        st.store.write_index(&point, spec.stream_no, &index).await?;
-        streams.push(NewStream {
-            stream_no: spec.stream_no,
-            kind: match spec.kind {
-                StreamKind::Disk => "disk".into(),
-                StreamKind::Config => "config".into(),
-            },
-            path: spec.path.clone(),
-            controller: spec.controller.clone(),
-            location: spec.location.clone(),
-            size: spec.size,
-            chunk_size: s.chunk_size,
-            logical_sector: spec.logical_sector_size,
-            physical_sector: spec.physical_sector_size,
-            chunk_count: index.entries.len() as u64,
-        });
+        let (stream, bytes) = store_stream_index(st, &point, spec, s.chunk_size, &index).await?;
+        logical_bytes += bytes;
+        streams.push(stream);
     }
     // Tracking rows first: if the commit below fails they name no visible point.
     let tracking: Vec<(u32, DiskTrackingIds)> = s
@@ -576,4 +559,40 @@ async fn apply_delta(
         chunk_size,
         entries: map.into_iter().collect(),
     })
+}
+
+/// Writes a stream's complete index durably for a point about to be
+/// committed (DESIGN §6 rule 2: before the point names it) and describes the
+/// stream for the catalog; returns it with the non-zero bytes it covers.
+/// Callers have already checked that every chunk it names is stored.
+pub(crate) async fn store_stream_index(
+    st: &SharedState,
+    point: &PointId,
+    spec: &StreamSpec,
+    chunk_size: u32,
+    index: &DiskIndex,
+) -> Result<(NewStream, u64), ApiError> {
+    let cs = u64::from(chunk_size);
+    let logical_bytes = index
+        .entries
+        .iter()
+        .map(|(n, _)| cs.min(spec.size - n * cs))
+        .sum();
+    st.store.write_index(point, spec.stream_no, index).await?;
+    let stream = NewStream {
+        stream_no: spec.stream_no,
+        kind: match spec.kind {
+            StreamKind::Disk => "disk".into(),
+            StreamKind::Config => "config".into(),
+        },
+        path: spec.path.clone(),
+        controller: spec.controller.clone(),
+        location: spec.location.clone(),
+        size: spec.size,
+        chunk_size,
+        logical_sector: spec.logical_sector_size,
+        physical_sector: spec.physical_sector_size,
+        chunk_count: index.entries.len() as u64,
+    };
+    Ok((stream, logical_bytes))
 }

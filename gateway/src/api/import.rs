@@ -27,7 +27,7 @@ use tierback_format::wire::*;
 
 use super::session::Session;
 use super::{random_secret, AdminAuth, AgentAuth, ApiError, SharedState};
-use crate::catalog::{NewPoint, NewStream};
+use crate::catalog::NewPoint;
 use crate::chunk_store::PutOutcome;
 
 /// Owner of import sessions in the session table: no agent id looks like it,
@@ -359,26 +359,10 @@ async fn commit_locked(
                 missing.len()
             )));
         }
-        for (n, _) in &index.entries {
-            logical_bytes += cs.min(spec.size - n * cs);
-        }
-        // Rule 2: the index is durable before the point that names it.
-        st.store.write_index(&point, spec.stream_no, &index).await?;
-        streams.push(NewStream {
-            stream_no: spec.stream_no,
-            kind: match spec.kind {
-                StreamKind::Disk => "disk".into(),
-                StreamKind::Config => "config".into(),
-            },
-            path: spec.path.clone(),
-            controller: spec.controller.clone(),
-            location: spec.location.clone(),
-            size: spec.size,
-            chunk_size: s.chunk_size,
-            logical_sector: spec.logical_sector_size,
-            physical_sector: spec.physical_sector_size,
-            chunk_count: index.entries.len() as u64,
-        });
+        let (stream, bytes) =
+            super::agent::store_stream_index(st, &point, spec, s.chunk_size, &index).await?;
+        logical_bytes += bytes;
+        streams.push(stream);
     }
     let tracking: Vec<(u32, DiskTrackingIds)> = s
         .streams
