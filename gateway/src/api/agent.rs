@@ -292,16 +292,28 @@ pub async fn chunks(
     body: Bytes,
 ) -> Result<Json<ChunksResponse>, ApiError> {
     let sess = session(&st, &sid, &agent.id).await?;
-    let records = parse_chunk_records(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let resp = store_chunk_records(&st, &body).await?;
+    let mut s = sess.lock().await;
+    s.stored_bytes += resp.stored_bytes;
+    s.stored_chunks += resp.stored as u64;
+    Ok(Json(resp))
+}
+
+/// Stores every chunk record of an upload body (each re-hashed by the
+/// store). Chunks of one request are stored concurrently; the store
+/// serialises only the append to the open pack.
+pub(crate) async fn store_chunk_records(
+    st: &SharedState,
+    body: &Bytes,
+) -> Result<ChunksResponse, ApiError> {
+    let records = parse_chunk_records(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let mut resp = ChunksResponse::default();
-    // Chunks of one request are stored concurrently; the store serialises
-    // only the append to the open pack.
     let mut set = tokio::task::JoinSet::new();
     for (hash, range) in records {
         let store = st.store.clone();
         let data = body.slice(range);
         set.spawn(async move { store.put(hash, data).await });
-        if set.len() >= 4 {
+        while set.len() >= 4 {
             if let Some(r) = set.join_next().await {
                 tally(&mut resp, r)?;
             }
@@ -310,10 +322,7 @@ pub async fn chunks(
     while let Some(r) = set.join_next().await {
         tally(&mut resp, r)?;
     }
-    let mut s = sess.lock().await;
-    s.stored_bytes += resp.stored_bytes;
-    s.stored_chunks += resp.stored as u64;
-    Ok(Json(resp))
+    Ok(resp)
 }
 
 fn tally(

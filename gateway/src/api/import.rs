@@ -28,7 +28,6 @@ use tierback_format::wire::*;
 use super::session::Session;
 use super::{random_secret, AdminAuth, AgentAuth, ApiError, SharedState};
 use crate::catalog::NewPoint;
-use crate::chunk_store::PutOutcome;
 
 /// Owner of import sessions in the session table: no agent id looks like it,
 /// so agents never reach an import session.
@@ -198,40 +197,11 @@ async fn chunks(
     body: Bytes,
 ) -> Result<Json<ChunksResponse>, ApiError> {
     let sess = session(&st, &sid).await?;
-    let records = parse_chunk_records(&body).map_err(|e| bad(e.to_string()))?;
-    let mut resp = ChunksResponse::default();
-    let mut set = tokio::task::JoinSet::new();
-    for (hash, range) in records {
-        let store = st.store.clone();
-        let data = body.slice(range);
-        set.spawn(async move { store.put(hash, data).await });
-        while set.len() >= 4 {
-            if let Some(r) = set.join_next().await {
-                tally(&mut resp, r)?;
-            }
-        }
-    }
-    while let Some(r) = set.join_next().await {
-        tally(&mut resp, r)?;
-    }
+    let resp = super::agent::store_chunk_records(&st, &body).await?;
     let mut s = sess.lock().await;
     s.stored_bytes += resp.stored_bytes;
     s.stored_chunks += u64::from(resp.stored);
     Ok(Json(resp))
-}
-
-fn tally(
-    resp: &mut ChunksResponse,
-    r: Result<Result<PutOutcome, crate::chunk_store::StoreError>, tokio::task::JoinError>,
-) -> Result<(), ApiError> {
-    match r.map_err(|e| ApiError::Internal(format!("chunk task failed: {e}")))?? {
-        PutOutcome::Stored { stored_bytes } => {
-            resp.stored += 1;
-            resp.stored_bytes += stored_bytes;
-        }
-        PutOutcome::Duplicate => resp.duplicate += 1,
-    }
-    Ok(())
 }
 
 async fn stream_index(
