@@ -647,25 +647,18 @@ async fn run_session(
     rep.stored_bytes = c.stored_bytes;
     let mut records = Vec::new();
     for (i, p) in disk_plans.iter().enumerate() {
-        let spec = &specs[i];
-        let ids = spec.tracking.clone().unwrap_or_default();
-        records.push(DiskRecord {
-            controller: spec.controller.clone().unwrap_or_default(),
-            location: spec.location.clone().unwrap_or_default(),
-            path: spec.path.clone(),
-            stream_no: i as u32,
-            size: spec.size,
+        records.push(DiskRecord::for_point(
+            &rep.point,
+            i as u32,
+            &specs[i],
             chunk_size,
-            data_write_guid: ids.data_write_guid,
-            change_id: ids.change_id,
-            hashes_file: format!("{}-{i}.hashes", rep.point),
-            health: Some(TrackingHealth {
+            TrackingHealth {
                 state: p.health.as_str().into(),
                 method: p.method.as_str().into(),
                 reason: p.reason.clone(),
                 alerts: p.alerts.clone(),
-            }),
-        });
+            },
+        ));
     }
     Ok((rep, records, new_hashes))
 }

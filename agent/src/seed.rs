@@ -175,24 +175,18 @@ fn save_tracking(
 ) -> anyhow::Result<()> {
     let mut records = Vec::new();
     for (i, spec) in specs.iter().enumerate().take(hashes.len()) {
-        let ids = spec.tracking.clone().unwrap_or_default();
-        records.push(DiskRecord {
-            controller: spec.controller.clone().unwrap_or_default(),
-            location: spec.location.clone().unwrap_or_default(),
-            path: spec.path.clone(),
-            stream_no: i as u32,
-            size: spec.size,
+        records.push(DiskRecord::for_point(
+            &point.to_string(),
+            i as u32,
+            spec,
             chunk_size,
-            data_write_guid: ids.data_write_guid,
-            change_id: ids.change_id,
-            hashes_file: format!("{point}-{i}.hashes"),
-            health: Some(TrackingHealth {
+            TrackingHealth {
                 state: "tracking".into(),
                 method: "full".into(),
                 reason: Some("exported to an offline seed".into()),
                 alerts: Vec::new(),
-            }),
-        });
+            },
+        ));
     }
     let record = VmRecord {
         point: point.to_string(),

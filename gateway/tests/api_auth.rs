@@ -3,61 +3,10 @@
 //! credential, another agent's session, oversized and malformed bodies, and
 //! a client pinning the wrong certificate.
 
+mod common;
+
+use common::{http, start};
 use tierback_format::wire::*;
-use tierback_gateway::config::DataDir;
-use tokio_util::sync::CancellationToken;
-
-struct TestGateway {
-    _dir: tempfile::TempDir,
-    url: String,
-    admin: String,
-    fingerprint: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start() -> TestGateway {
-    let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("gw");
-    let rep = tierback_gateway::setup::init(&data, None, "127.0.0.1:0")
-        .await
-        .expect("init");
-    let dd = DataDir::new(&data);
-    let state = tierback_gateway::server::open_state(&dd)
-        .await
-        .expect("state");
-    let tls = tierback_gateway::tls::server_config(&dd.tls_cert(), &dd.tls_key()).expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tierback_gateway::server::run(
-        listener,
-        state,
-        tls,
-        shutdown.clone(),
-    ));
-    let admin = std::fs::read_to_string(dd.admin_token())
-        .expect("token")
-        .trim()
-        .to_string();
-    TestGateway {
-        _dir: dir,
-        url,
-        admin,
-        fingerprint: rep.fingerprint,
-        shutdown,
-        task,
-    }
-}
-
-fn http(fp: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tierback_format::pin::pinned_client_config(fp).expect("pin"))
-        .build()
-        .expect("client")
-}
 
 async fn status(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
     let r = req.send().await.expect("send");

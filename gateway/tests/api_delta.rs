@@ -2,13 +2,13 @@
 //! `base_stream` uploads only its changes, the gateway writes the complete
 //! index; bases are validated; `last-point` returns what the agent recorded.
 
+mod common;
+
 use tierback_format::ids::ChunkHash;
 use tierback_format::wire::*;
-use tierback_gateway::config::DataDir;
-use tokio_util::sync::CancellationToken;
 
 struct Gw {
-    _dir: tempfile::TempDir,
+    _g: common::TestGateway,
     url: String,
     admin: String,
     c: reqwest::Client,
@@ -16,43 +16,13 @@ struct Gw {
 }
 
 async fn start() -> Gw {
-    let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("gw");
-    let rep = tierback_gateway::setup::init(&data, None, "127.0.0.1:0")
-        .await
-        .expect("init");
-    let dd = DataDir::new(&data);
-    let state = tierback_gateway::server::open_state(&dd)
-        .await
-        .expect("state");
-    let tls = tierback_gateway::tls::server_config(&dd.tls_cert(), &dd.tls_key()).expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    tokio::spawn(tierback_gateway::server::run(
-        listener,
-        state,
-        tls,
-        shutdown.clone(),
-    ));
-    let admin = std::fs::read_to_string(dd.admin_token())
-        .expect("token")
-        .trim()
-        .to_string();
-    let c = reqwest::Client::builder()
-        .use_preconfigured_tls(
-            tierback_format::pin::pinned_client_config(&rep.fingerprint).expect("pin"),
-        )
-        .build()
-        .expect("client");
+    let g = common::start().await;
     Gw {
-        _dir: dir,
-        url,
-        admin,
-        c,
-        _shutdown: shutdown.drop_guard(),
+        c: common::http(&g.fingerprint),
+        url: g.url.clone(),
+        admin: g.admin.clone(),
+        _shutdown: g.shutdown.clone().drop_guard(),
+        _g: g,
     }
 }
 

@@ -45,6 +45,32 @@ pub struct DiskRecord {
     pub health: Option<TrackingHealth>,
 }
 
+impl DiskRecord {
+    /// The record of disk stream `stream_no` of `point`, as announced in
+    /// `spec`, with the health that backup (or export) found.
+    pub fn for_point(
+        point: &str,
+        stream_no: u32,
+        spec: &tierback_format::wire::StreamSpec,
+        chunk_size: u32,
+        health: TrackingHealth,
+    ) -> Self {
+        let ids = spec.tracking.clone().unwrap_or_default();
+        DiskRecord {
+            controller: spec.controller.clone().unwrap_or_default(),
+            location: spec.location.clone().unwrap_or_default(),
+            path: spec.path.clone(),
+            stream_no,
+            size: spec.size,
+            chunk_size,
+            data_write_guid: ids.data_write_guid,
+            change_id: ids.change_id,
+            hashes_file: format!("{point}-{stream_no}.hashes"),
+            health: Some(health),
+        }
+    }
+}
+
 /// The state of one VM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmRecord {
