@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what Tierback's demo, tests and benchmarks need on Debian: the tools
 # that build realistic VM disks (qemu-img, mkfs.*, sgdisk, ntfs-3g, mtools) and
-# GNU time for peak-memory figures. Idempotent; quiet when all is present.
+# GNU time for peak-memory figures. Extra package names given as arguments
+# (the benchmark's restic and borgbackup) are installed too. Idempotent; quiet
+# when all is present.
 set -euo pipefail
-pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev xfsprogs gdisk fdisk dosfstools mtools gcc openssl time sqlite3)
+pkgs=(qemu-utils e2fsprogs ntfs-3g ntfs-3g-dev xfsprogs gdisk fdisk dosfstools mtools gcc openssl time sqlite3 "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -559,12 +559,18 @@ async fn run_session(
         plans.push(plan);
     }
     let bar = progress_bar(opts.progress, total_read);
-    let lack_batch = opts.lack_batch.clamp(1, MAX_LACK_BATCH);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(2);
+    // Memory: one batch being read, one queued, one being offered, plus the
+    // upload bodies in flight (see `Uploader`).
+    let lack_batch = opts
+        .lack_batch
+        .clamp(1, MAX_LACK_BATCH)
+        .min((BATCH_BYTES / cs).max(1) as usize);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(1);
     let reader = {
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || read_all(&sources, &plans, cs, lack_batch, &tx))
     };
+    let mut up = Uploader::new(client, sid, opts);
     let mut indexes: Vec<Vec<(u64, ChunkHash)>> = vec![Vec::new(); specs.len()];
     let mut new_hashes: Vec<Vec<ChunkHash>> = vec![Vec::new(); ndisks];
     let upload: anyhow::Result<()> = async {
@@ -594,11 +600,11 @@ async fn run_session(
             if batch.chunks.is_empty() {
                 continue;
             }
-            offer(client, sid, &batch.chunks, opts, &mut rep).await?;
             rep.chunks += batch.chunks.len() as u64;
             idx.extend(batch.chunks.iter().map(|(n, h, _)| (*n, *h)));
+            offer(&mut up, batch.chunks, &mut rep).await?;
         }
-        Ok(())
+        up.finish(&mut rep).await
     }
     .await;
     if upload.is_err() {
@@ -625,7 +631,7 @@ async fn run_session(
             rep.alerts.push(format!(
                 "commit refused ({e:#}); this backup's chunks were offered again"
             ));
-            reoffer(client, sid, &sources, &indexes, cs, opts, &mut rep).await?;
+            reoffer(&mut up, &sources, &indexes, cs, opts, &mut rep).await?;
             client
                 .commit(
                     sid,
@@ -663,47 +669,107 @@ async fn run_session(
     Ok((rep, records, new_hashes))
 }
 
-/// Asks the gateway which of `chunks` it lacks and sends those.
+/// Bytes of chunk data read ahead per "which do you lack?" batch.
+const BATCH_BYTES: u64 = 16 << 20;
+/// Bytes of chunk records per upload request, at most.
+const MAX_UPLOAD_BODY: usize = 4 << 20;
+/// Upload requests in flight at once.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
+/// Chunk uploads of one session, sent as spawned requests so reading,
+/// asking and uploading overlap; at most [`UPLOADS_IN_FLIGHT`] bodies of at
+/// most [`MAX_UPLOAD_BODY`] bytes are held at once.
+struct Uploader {
+    client: GatewayClient,
+    sid: String,
+    body_limit: usize,
+    set: tokio::task::JoinSet<anyhow::Result<ChunksResponse>>,
+}
+
+impl Uploader {
+    fn new(client: &GatewayClient, sid: &str, opts: &BackupOptions) -> Uploader {
+        Uploader {
+            client: client.clone(),
+            sid: sid.to_string(),
+            body_limit: opts.upload_batch_bytes.clamp(1, MAX_UPLOAD_BODY),
+            set: tokio::task::JoinSet::new(),
+        }
+    }
+
+    async fn send(&mut self, body: Vec<u8>, rep: &mut BackupReport) -> anyhow::Result<()> {
+        while self.set.len() >= UPLOADS_IN_FLIGHT {
+            self.join_one(rep).await?;
+        }
+        let (client, sid) = (self.client.clone(), self.sid.clone());
+        self.set
+            .spawn(async move { client.chunks(&sid, body).await });
+        Ok(())
+    }
+
+    async fn join_one(&mut self, rep: &mut BackupReport) -> anyhow::Result<()> {
+        if let Some(r) = self.set.join_next().await {
+            let r = r.context("an upload task failed")??;
+            rep.stored_bytes += r.stored_bytes;
+        }
+        Ok(())
+    }
+
+    /// Waits for every upload; the first failure fails the backup (the
+    /// others are cancelled when the uploader is dropped).
+    async fn finish(&mut self, rep: &mut BackupReport) -> anyhow::Result<()> {
+        while !self.set.is_empty() {
+            self.join_one(rep).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Asks the gateway which of `chunks` it lacks and queues those for upload;
+/// the buffers of the others are freed at once.
 async fn offer(
-    client: &GatewayClient,
-    sid: &str,
-    chunks: &[(u64, ChunkHash, Vec<u8>)],
-    opts: &BackupOptions,
+    up: &mut Uploader,
+    chunks: Vec<(u64, ChunkHash, Vec<u8>)>,
     rep: &mut BackupReport,
 ) -> anyhow::Result<()> {
     let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.1).collect();
-    let missing = client.lack(sid, hashes).await?;
+    let missing = up.client.lack(&up.sid, hashes).await?;
+    let asked = chunks.len();
+    let mut chunks: Vec<Option<(u64, ChunkHash, Vec<u8>)>> = chunks.into_iter().map(Some).collect();
     let mut body = Vec::new();
     for &m in &missing {
         let (_, h, data) = chunks
-            .get(m as usize)
-            .context("the gateway named a chunk that was not asked about")?;
-        if !body.is_empty() && body.len() + data.len() > opts.upload_batch_bytes {
-            send(client, sid, &mut body, rep).await?;
+            .get_mut(m as usize)
+            .and_then(Option::take)
+            .context("the gateway named a chunk that was not asked about (or twice)")?;
+        if !body.is_empty() && body.len() + data.len() > up.body_limit {
+            up.send(std::mem::take(&mut body), rep).await?;
         }
-        put_chunk_record(&mut body, h, data);
+        put_chunk_record(&mut body, &h, &data);
         rep.bytes_sent += data.len() as u64;
         rep.sent_chunks += 1;
     }
+    drop(chunks);
     if !body.is_empty() {
-        send(client, sid, &mut body, rep).await?;
+        up.send(body, rep).await?;
     }
-    rep.dedup_chunks += (chunks.len() - missing.len()) as u64;
+    rep.dedup_chunks += (asked - missing.len()) as u64;
     Ok(())
 }
 
 /// Re-reads every non-zero chunk the indexes of this backup name and offers
 /// it again; a chunk whose content changed meanwhile fails the backup.
 async fn reoffer(
-    client: &GatewayClient,
-    sid: &str,
+    up: &mut Uploader,
     sources: &Arc<Vec<Source>>,
     indexes: &[Vec<(u64, ChunkHash)>],
     cs: u64,
     opts: &BackupOptions,
     rep: &mut BackupReport,
 ) -> anyhow::Result<()> {
-    let lack_batch = opts.lack_batch.clamp(1, MAX_LACK_BATCH);
+    let lack_batch = opts
+        .lack_batch
+        .clamp(1, MAX_LACK_BATCH)
+        .min((BATCH_BYTES / cs.max(1)).max(1) as usize);
     for (stream, entries) in indexes.iter().enumerate() {
         let named: Vec<(u64, ChunkHash)> = entries
             .iter()
@@ -731,27 +797,23 @@ async fn reoffer(
             .await
             .context("the disk reader thread failed")??;
             rep.bytes_read += chunks.iter().map(|c| c.2.len() as u64).sum::<u64>();
-            offer(client, sid, &chunks, opts, rep).await?;
+            offer(up, chunks, rep).await?;
         }
     }
-    Ok(())
+    up.finish(rep).await
 }
 
-async fn send(
-    client: &GatewayClient,
-    sid: &str,
-    body: &mut Vec<u8>,
-    rep: &mut BackupReport,
-) -> anyhow::Result<()> {
-    let r = client.chunks(sid, std::mem::take(body)).await?;
-    rep.stored_bytes += r.stored_bytes;
-    Ok(())
-}
+/// Threads reading and hashing chunks at once: several reads in flight keep
+/// a cold disk busy (scattered changed chunks, VHDX blocks) and hashing uses
+/// more than one core.
+const READERS: usize = 4;
 
-/// Reads every planned chunk, drops all-zero ones and (for a delta stream)
-/// ones equal to the previous point, hashes the rest, and sends batches
-/// down the channel; the last batch of each stream carries its new hash
-/// list and the chunks that became zero. Stops early if the receiver is gone.
+/// Reads every planned chunk (on [`READERS`] threads), drops all-zero ones
+/// and (for a delta stream) ones equal to the previous point, hashes the
+/// rest, and sends batches down the channel; the last batch of each stream
+/// carries its new hash list and the chunks that became zero. Chunks arrive
+/// in any order (the index is sorted at the end). Stops early if the
+/// receiver is gone.
 fn read_all(
     sources: &[Source],
     plans: &[StreamPlan],
@@ -759,6 +821,8 @@ fn read_all(
     lack_batch: usize,
     tx: &tokio::sync::mpsc::Sender<anyhow::Result<Batch>>,
 ) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    type Read = anyhow::Result<(u64, Option<ChunkHash>, Vec<u8>)>;
     for (stream, (src, plan)) in sources.iter().zip(plans).enumerate() {
         let size = src.size();
         let disk = matches!(src, Source::Disk(_));
@@ -771,43 +835,84 @@ fn read_all(
         } else {
             Vec::new()
         };
-        let mut batch = Batch::new(stream as u32);
-        for &n in &plan.read {
-            let len = cs.min(size - n * cs) as usize;
-            let mut buf = vec![0u8; len];
-            if let Err(e) = src.read_at(n * cs, &mut buf) {
-                let _ = tx.blocking_send(Err(e));
-                anyhow::bail!("read failed");
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (rtx, rrx) = std::sync::mpsc::sync_channel::<Read>(READERS);
+        let done = std::thread::scope(|scope| -> anyhow::Result<bool> {
+            for _ in 0..READERS.min(plan.read.len()) {
+                let rtx = rtx.clone();
+                let (next, stop) = (&next, &stop);
+                scope.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(&n) = plan.read.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            break;
+                        };
+                        let len = cs.min(size - n * cs) as usize;
+                        let mut buf = vec![0u8; len];
+                        let item = src
+                            .read_at(n * cs, &mut buf)
+                            .map(|()| (n, hash_chunk(&buf), buf));
+                        if rtx.send(item).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
-            batch.bytes_read += len as u64;
-            let h = hash_chunk(&buf);
-            let recorded = h.unwrap_or(ZERO_HASH);
-            if let Some(slot) = hashes.get_mut(n as usize) {
-                *slot = recorded;
+            drop(rtx);
+            let mut batch = Batch::new(stream as u32);
+            let collected = (|| -> anyhow::Result<bool> {
+                for item in rrx.iter() {
+                    let (n, h, buf) = match item {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            let _ = tx.blocking_send(Err(e));
+                            anyhow::bail!("read failed: {msg}");
+                        }
+                    };
+                    batch.bytes_read += buf.len() as u64;
+                    let recorded = h.unwrap_or(ZERO_HASH);
+                    if let Some(slot) = hashes.get_mut(n as usize) {
+                        *slot = recorded;
+                    }
+                    let same = plan
+                        .prev
+                        .as_ref()
+                        .is_some_and(|p| p.get(n as usize) == Some(&recorded));
+                    match h {
+                        None => batch.zero_chunks += 1,
+                        Some(_) if same => batch.unchanged_chunks += 1,
+                        Some(h) => batch.chunks.push((n, h, buf)),
+                    }
+                    if batch.chunks.len() >= lack_batch
+                        && tx
+                            .blocking_send(Ok(std::mem::replace(
+                                &mut batch,
+                                Batch::new(stream as u32),
+                            )))
+                            .is_err()
+                    {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })();
+            // Readers stop at their next chunk (and at once if blocked on
+            // the channel, which `rrx` is dropped with).
+            stop.store(true, Ordering::Relaxed);
+            drop(rrx);
+            let more = collected?;
+            if more {
+                let zeros = match &plan.prev {
+                    Some(p) => zeroed(p, &hashes),
+                    None => Vec::new(),
+                };
+                batch.done = Some((std::mem::take(&mut hashes), zeros));
+                return Ok(tx.blocking_send(Ok(batch)).is_ok());
             }
-            let same = plan
-                .prev
-                .as_ref()
-                .is_some_and(|p| p.get(n as usize) == Some(&recorded));
-            match h {
-                None => batch.zero_chunks += 1,
-                Some(_) if same => batch.unchanged_chunks += 1,
-                Some(h) => batch.chunks.push((n, h, buf)),
-            }
-            if batch.chunks.len() >= lack_batch
-                && tx
-                    .blocking_send(Ok(std::mem::replace(&mut batch, Batch::new(stream as u32))))
-                    .is_err()
-            {
-                return Ok(());
-            }
-        }
-        let zeros = match &plan.prev {
-            Some(p) => zeroed(p, &hashes),
-            None => Vec::new(),
-        };
-        batch.done = Some((hashes, zeros));
-        if tx.blocking_send(Ok(batch)).is_err() {
+            Ok(false)
+        })?;
+        if !done {
             return Ok(());
         }
     }

@@ -13,7 +13,8 @@ use tierback_format::wire::*;
 /// Attempts per request for transient failures (connection errors, 5xx but 507).
 const ATTEMPTS: u32 = 4;
 
-/// A connection to the gateway.
+/// A connection to the gateway (cheap to clone: clones share the pool).
+#[derive(Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
     base: String,

@@ -175,8 +175,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 fingerprint,
                 host_root,
                 agent_id: r.agent_id.clone(),
-                lack_batch: 32,
-                upload_batch_bytes: 16 << 20,
+                lack_batch: tierback_agent::state::default_lack_batch(),
+                upload_batch_bytes: tierback_agent::state::default_upload_batch(),
                 sample_min: 8,
             };
             AgentState::save_new(&state_dir, &cfg, &r.credential)?;

@@ -18,10 +18,12 @@ pub struct AgentConfig {
     pub host_root: PathBuf,
     /// The agent's id at the gateway.
     pub agent_id: String,
-    /// Chunks hashed per "which do you lack?" request.
+    /// Chunks hashed per "which do you lack?" request (at most 16 MiB of
+    /// chunk data: the read-ahead of the backup pipeline).
     #[serde(default = "default_lack_batch")]
     pub lack_batch: usize,
-    /// Bytes of chunk data per upload request.
+    /// Bytes of chunk data per upload request (at most 4 MiB; 4 requests are
+    /// in flight at once).
     #[serde(default = "default_upload_batch")]
     pub upload_batch_bytes: usize,
     /// Least chunks re-read by the sample check of an RCT/checkpoint
@@ -34,11 +36,13 @@ fn default_sample_min() -> usize {
     8
 }
 
-fn default_lack_batch() -> usize {
-    512
+/// Default of [`AgentConfig::lack_batch`].
+pub fn default_lack_batch() -> usize {
+    16
 }
-fn default_upload_batch() -> usize {
-    16 << 20
+/// Default of [`AgentConfig::upload_batch_bytes`].
+pub fn default_upload_batch() -> usize {
+    4 << 20
 }
 
 /// A loaded state dir.

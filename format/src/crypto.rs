@@ -22,9 +22,8 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 
 use crate::ids::{ChunkHash, ChunkId, PackId, PointId};
@@ -190,16 +189,25 @@ fn seal_with_nonce(
     ad: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let cipher = Aes256Gcm::new(key.into());
     let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
     out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), ad, &mut out[NONCE_LEN..])
+    let tag = aead_key(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(ad),
+            &mut out[NONCE_LEN..],
+        )
         // Only fails above 64 GiB of plaintext; every caller seals bounded objects.
         .expect("AES-GCM plaintext under 64 GiB");
-    out.extend_from_slice(&tag);
+    out.extend_from_slice(tag.as_ref());
     out
+}
+
+/// AES-256-GCM (ring's implementation: AES-NI/VAES and carry-less multiply).
+fn aead_key(key: &[u8; 32]) -> LessSafeKey {
+    // A 32-byte key is always valid for AES-256-GCM.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"))
 }
 
 /// Opens an object made by [`seal`] with the same key and associated data.
@@ -210,12 +218,13 @@ pub fn open(key: &[u8; 32], ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoE
         return Err(CryptoError::Truncated { len: sealed.len() });
     }
     let (nonce, rest) = sealed.split_at(NONCE_LEN);
-    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let cipher = Aes256Gcm::new(key.into());
-    let mut buf = ct.to_vec();
-    cipher
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), ad, &mut buf, Tag::from_slice(tag))
-        .map_err(|_| CryptoError::Auth)?;
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Auth)?;
+    let mut buf = rest.to_vec();
+    let plain_len = aead_key(key)
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(ad), &mut buf)
+        .map_err(|_| CryptoError::Auth)?
+        .len();
+    buf.truncate(plain_len);
     Ok(buf)
 }
 
@@ -224,7 +233,7 @@ pub fn open(key: &[u8; 32], ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoE
 /// Independent of any pack, so the costly part of sealing can run before the
 /// chunk's pack is known.
 pub fn encode_chunk_payload(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
-    if let Ok(z) = zstd::bulk::compress(plaintext, zstd_level) {
+    if let Ok(z) = compress(plaintext, zstd_level) {
         if z.len() < plaintext.len() {
             let mut out = Vec::with_capacity(1 + z.len());
             out.push(CHUNK_CODEC_ZSTD);
@@ -236,6 +245,25 @@ pub fn encode_chunk_payload(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
     out.push(CHUNK_CODEC_RAW);
     out.extend_from_slice(plaintext);
     out
+}
+
+/// zstd with one compression context per thread, reused: a fresh context
+/// per chunk costs an allocation (and page faults) of its tables every time.
+fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(plaintext),
+            None => zstd::bulk::compress(plaintext, level),
+        }
+    })
 }
 
 /// Decodes a payload from [`encode_chunk_payload`], never producing (or

@@ -307,6 +307,11 @@ impl<W: Write> PackWriter<W> {
         self.entries.is_empty()
     }
 
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
     /// Records appended so far, in file order.
     pub fn entries(&self) -> &[TocEntry] {
         &self.entries
@@ -351,16 +356,37 @@ impl<W: Write> PackWriter<W> {
     /// Writes the sealed TOC and the trailer; returns the writer, the pack's
     /// total length and its TOC entries.
     pub fn finish(mut self, pack_key: &[u8; 32]) -> io::Result<(W, u64, Vec<TocEntry>)> {
-        let sealed = seal(pack_key, &toc_ad(&self.id), &encode_toc(&self.entries));
-        let trailer = PackTrailer {
-            toc_offset: self.pos,
-            toc_len: sealed.len() as u32,
-        };
-        self.w.write_all(&sealed)?;
-        self.w.write_all(&encode_trailer(&trailer))?;
-        let total = self.pos + sealed.len() as u64 + PACK_TRAILER_LEN as u64;
+        let tail = pack_tail(pack_key, &self.id, &self.entries, self.pos);
+        self.w.write_all(&tail)?;
+        let total = self.pos + tail.len() as u64;
         Ok((self.w, total, self.entries))
     }
+
+    /// Gives up the writer without finishing the pack: the writer, the bytes
+    /// written so far (header and records) and the TOC entries, for a caller
+    /// that writes the tail itself with [`pack_tail`] (e.g. again after a
+    /// failed attempt, on a file truncated back to the records' end).
+    pub fn into_parts(self) -> (W, u64, Vec<TocEntry>) {
+        (self.w, self.pos, self.entries)
+    }
+}
+
+/// The end of a pack whose header and records fill `records_end` bytes: the
+/// sealed TOC of `entries` followed by the trailer.
+pub fn pack_tail(
+    pack_key: &[u8; 32],
+    id: &PackId,
+    entries: &[TocEntry],
+    records_end: u64,
+) -> Vec<u8> {
+    let sealed = seal(pack_key, &toc_ad(id), &encode_toc(entries));
+    let trailer = PackTrailer {
+        toc_offset: records_end,
+        toc_len: sealed.len() as u32,
+    };
+    let mut out = sealed;
+    out.extend_from_slice(&encode_trailer(&trailer));
+    out
 }
 
 impl PackWriter<Vec<u8>> {

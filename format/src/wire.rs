@@ -524,6 +524,9 @@ pub enum FrameError {
     /// A record declares a length beyond the allowed maximum.
     #[error("chunk record of {0} bytes exceeds the {MAX_CHUNK_SIZE}-byte maximum")]
     TooLarge(u64),
+    /// A payload frame of a kind this version does not know.
+    #[error("payload frame of unknown kind {0}")]
+    UnknownKind(u8),
 }
 
 /// Appends one chunk record (`hash[32] | len u32 LE | data`) to a chunk upload body.
@@ -589,6 +592,98 @@ pub fn decode_stream_index(body: &[u8]) -> Result<Vec<(u64, ChunkHash)>, FrameEr
             (u64::from_le_bytes(n), ChunkHash(h))
         })
         .collect())
+}
+
+/// `format` of `GET /v1/admin/points/{id}/streams/{n}/data` that asks for
+/// [payload frames](parse_payload_frames) instead of plaintext.
+pub const DATA_FORMAT_FRAMES: &str = "frames";
+
+/// Bytes of a payload frame's header: `chunk_no u64 LE | kind u8 | len u32 LE`.
+pub const PAYLOAD_FRAME_HEADER: usize = 13;
+
+/// Frame kind: `len` bytes of chunk payload (codec flag, then raw or zstd
+/// data, as inside a chunk record; docs/formats.md).
+pub const PAYLOAD_FRAME_CHUNK: u8 = 0;
+
+/// Frame kind: `len` bytes of UTF-8 saying why chunk `chunk_no` could not be
+/// read. Always the last frame of a body.
+pub const PAYLOAD_FRAME_ERROR: u8 = 1;
+
+/// Longest error message a frame may carry.
+pub const MAX_PAYLOAD_FRAME_ERROR: u32 = 64 << 10;
+
+/// The header of one payload frame.
+pub fn payload_frame_header(chunk_no: u64, kind: u8, len: u32) -> [u8; PAYLOAD_FRAME_HEADER] {
+    let mut h = [0u8; PAYLOAD_FRAME_HEADER];
+    h[..8].copy_from_slice(&chunk_no.to_le_bytes());
+    h[8] = kind;
+    h[9..].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// One frame of a payload-frames body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadFrame<'a> {
+    /// The still-encoded payload of chunk `chunk_no`.
+    Chunk {
+        /// Chunk number in the stream.
+        chunk_no: u64,
+        /// Codec flag, then the data.
+        payload: &'a [u8],
+    },
+    /// The gateway could not read chunk `chunk_no`; nothing follows.
+    Error {
+        /// Chunk number in the stream.
+        chunk_no: u64,
+        /// Why, one line.
+        message: String,
+    },
+}
+
+/// Splits a payload-frames body (restore data with `format=frames`) into
+/// frames, refusing truncation, unknown kinds and oversized frames (a chunk
+/// payload is at most `MAX_CHUNK_SIZE + 1` bytes). Stops after an error frame.
+pub fn parse_payload_frames(body: &[u8]) -> Result<Vec<PayloadFrame<'_>>, FrameError> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < body.len() {
+        let Some(h) = body.get(pos..pos + PAYLOAD_FRAME_HEADER) else {
+            return Err(FrameError::Truncated("payload frame"));
+        };
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&h[..8]);
+        let chunk_no = u64::from_le_bytes(n);
+        let kind = h[8];
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&h[9..]);
+        let len = u32::from_le_bytes(l);
+        let max = match kind {
+            PAYLOAD_FRAME_CHUNK => MAX_CHUNK_SIZE + 1,
+            PAYLOAD_FRAME_ERROR => MAX_PAYLOAD_FRAME_ERROR,
+            _ => return Err(FrameError::UnknownKind(kind)),
+        };
+        if len > max {
+            return Err(FrameError::TooLarge(len as u64));
+        }
+        let start = pos + PAYLOAD_FRAME_HEADER;
+        let end = start + len as usize;
+        let Some(data) = body.get(start..end) else {
+            return Err(FrameError::Truncated("payload frame"));
+        };
+        pos = end;
+        if kind == PAYLOAD_FRAME_ERROR {
+            out.push(PayloadFrame::Error {
+                chunk_no,
+                message: String::from_utf8_lossy(data).into_owned(),
+            });
+            break;
+        }
+        out.push(PayloadFrame::Chunk {
+            chunk_no,
+            payload: data,
+        });
+    }
+    Ok(out)
 }
 
 /// Id of the chunk in the index of a point; re-exported for convenience.
@@ -674,6 +769,49 @@ mod tests {
             parse_chunk_records(&huge),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn payload_frames_round_trip_and_reject_damage() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&payload_frame_header(7, PAYLOAD_FRAME_CHUNK, 3));
+        body.extend_from_slice(b"\x01ab");
+        body.extend_from_slice(&payload_frame_header(8, PAYLOAD_FRAME_ERROR, 4));
+        body.extend_from_slice(b"oops");
+        body.extend_from_slice(&payload_frame_header(9, PAYLOAD_FRAME_CHUNK, 0));
+        let f = parse_payload_frames(&body).expect("parse");
+        assert_eq!(
+            f,
+            vec![
+                PayloadFrame::Chunk {
+                    chunk_no: 7,
+                    payload: b"\x01ab"
+                },
+                PayloadFrame::Error {
+                    chunk_no: 8,
+                    message: "oops".into()
+                }
+            ],
+            "nothing after an error frame"
+        );
+        assert_eq!(
+            parse_payload_frames(&body[..20]),
+            Err(FrameError::Truncated("payload frame"))
+        );
+        assert_eq!(
+            parse_payload_frames(&body[..5]),
+            Err(FrameError::Truncated("payload frame"))
+        );
+        assert!(parse_payload_frames(&[]).expect("empty").is_empty());
+        let big = payload_frame_header(0, PAYLOAD_FRAME_CHUNK, MAX_CHUNK_SIZE + 2);
+        assert_eq!(
+            parse_payload_frames(&big),
+            Err(FrameError::TooLarge(MAX_CHUNK_SIZE as u64 + 2))
+        );
+        assert_eq!(
+            parse_payload_frames(&payload_frame_header(0, 9, 0)),
+            Err(FrameError::UnknownKind(9))
+        );
     }
 
     #[test]

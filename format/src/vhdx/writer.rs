@@ -186,8 +186,47 @@ impl<W: Write + Seek> VhdxWriter<W> {
     /// Partial-block writes in a differencing file set sector bitmap bits
     /// (PARTIALLY_PRESENT).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), VhdxError> {
+        self.check_range(offset, data.len() as u64)?;
+        let mut done = 0usize;
+        for (block, in_block, n) in self.pieces(offset, data.len() as u64) {
+            let piece = &data[done..done + n as usize];
+            done += n as usize;
+            if let Some(at) = self.reserve(block, in_block, n, || is_zero(piece)) {
+                self.w.seek(SeekFrom::Start(at))?;
+                self.w.write_all(piece)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves room for `len` bytes of payload at virtual offset `offset`
+    /// (both multiples of the logical sector size) WITHOUT writing them, and
+    /// returns where they belong in the file: `(file offset, range of the
+    /// caller's bytes)` pieces, one per payload block touched. The caller then
+    /// writes them itself (positioned writes, from several threads, direct
+    /// I/O) before [`Self::finish`]; the writer never reads them back.
+    /// Allocation is that of [`Self::write_at`] for data that is not all
+    /// zeros; in a differencing file the sectors count as present.
+    pub fn place(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, VhdxError> {
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        for (block, in_block, n) in self.pieces(offset, len) {
+            let range = done..done + n as usize;
+            done += n as usize;
+            if let Some(at) = self.reserve(block, in_block, n, || false) {
+                out.push((at, range));
+            }
+        }
+        Ok(out)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
         let lss = u64::from(self.geo.logical_sector_size);
-        let len = data.len() as u64;
         if !is_aligned(offset, lss) || !is_aligned(len, lss) {
             return Err(VhdxError::Unaligned {
                 offset,
@@ -205,35 +244,49 @@ impl<W: Write + Seek> VhdxWriter<W> {
                 virtual_size: self.geo.virtual_size,
             });
         }
-        let bs = u64::from(self.geo.block_size);
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(len - done);
-            let piece = &data[done as usize..(done + n) as usize];
-            self.write_piece(block, in_block, piece)?;
-            done += n;
-        }
         Ok(())
     }
 
-    fn write_piece(&mut self, block: u64, in_block: u64, piece: &[u8]) -> Result<(), VhdxError> {
+    /// `offset..offset+len` split at block boundaries: (block, offset in
+    /// block, length).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let bs = u64::from(self.geo.block_size);
+        let mut out = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let n = (bs - pos % bs).min(len - done);
+            out.push((pos / bs, pos % bs, n));
+            done += n;
+        }
+        out
+    }
+
+    /// Allocates what a write of `len` bytes at `in_block` of `block` needs
+    /// and records its sectors; returns the file offset to write them at, or
+    /// `None` when nothing is to be written (all-zero data, as `zero` tells
+    /// when asked, that the BAT can describe).
+    fn reserve(
+        &mut self,
+        block: u64,
+        in_block: u64,
+        len: u64,
+        zero: impl FnOnce() -> bool,
+    ) -> Option<u64> {
         let idx = self.geo.payload_bat_index(block) as usize;
         let entry = self.bat[idx];
         let diff = self.geo.has_parent;
-        let whole = in_block == 0 && piece.len() as u64 == self.geo.block_len(block);
+        let whole = in_block == 0 && len == self.geo.block_len(block);
         match entry.state() {
             PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT => {}
             state => {
-                if is_zero(piece) {
+                if zero() {
                     if !diff || state == PAYLOAD_BLOCK_ZERO {
-                        return Ok(());
+                        return None;
                     }
                     if whole {
                         self.bat[idx] = BatEntry::new(PAYLOAD_BLOCK_ZERO, 0);
-                        return Ok(());
+                        return None;
                     }
                 }
                 let at = self.next_free;
@@ -249,13 +302,10 @@ impl<W: Write + Seek> VhdxWriter<W> {
             }
         }
         let entry = self.bat[idx];
-        self.w
-            .seek(SeekFrom::Start(entry.file_offset() + in_block))?;
-        self.w.write_all(piece)?;
         if entry.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
-            self.set_bits(block, in_block, piece.len() as u64);
+            self.set_bits(block, in_block, len);
         }
-        Ok(())
+        Some(entry.file_offset() + in_block)
     }
 
     fn set_bits(&mut self, block: u64, in_block: u64, len: u64) {
@@ -506,6 +556,64 @@ mod tests {
         );
         assert_eq!(f[b1.file_offset() as usize + 8 * 512], 0);
         assert!(f.len() as u64 >= sb.file_offset() + (1 << 20));
+    }
+
+    /// `place` + the caller's own positioned writes make the same file as
+    /// `write_at`, block boundaries and differencing bitmaps included.
+    #[test]
+    fn placed_writes_match_write_at() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        for diff in [false, true] {
+            let mut o = VhdxOptions::new(8 << 20);
+            o.block_size = 1 << 20;
+            if diff {
+                o.parent = Some(ParentInfo {
+                    parent_linkage: Guid::ZERO,
+                    relative_path: "p.vhdx".into(),
+                    absolute_win32_path: None,
+                    volume_path: None,
+                });
+            }
+            // Straddles blocks 0/1, a partial block, and the last block.
+            let writes: Vec<(u64, Vec<u8>)> = vec![
+                ((1 << 20) - 4096, vec![7u8; 8192]),
+                (3 << 20, vec![9u8; 512]),
+                ((8 << 20) - 1024, vec![5u8; 1024]),
+                (5 << 20, (0..(1u32 << 20)).map(|i| i as u8).collect()),
+            ];
+            let make = |name: &str, placed: bool| {
+                let path = dir.path().join(format!("{name}-{diff}.vhdx"));
+                let f = std::fs::File::create(&path).expect("create");
+                let mut w =
+                    VhdxWriter::create(f.try_clone().expect("clone"), o.clone()).expect("writer");
+                w.set_file_write_guid(Guid::ZERO);
+                w.set_data_write_guid(Guid::ZERO);
+                w.set_virtual_disk_id(Guid::ZERO);
+                for (off, data) in &writes {
+                    if placed {
+                        for (at, r) in w.place(*off, data.len() as u64).expect("place") {
+                            f.write_all_at(&data[r], at).expect("pwrite");
+                        }
+                    } else {
+                        w.write_at(*off, data).expect("write");
+                    }
+                }
+                w.finish().expect("finish");
+                std::fs::read(&path).expect("read")
+            };
+            assert!(make("a", false) == make("b", true), "diff={diff}");
+        }
+        let mut w =
+            VhdxWriter::create(Cursor::new(Vec::new()), VhdxOptions::new(4 << 20)).expect("writer");
+        assert!(matches!(
+            w.place(100, 512),
+            Err(VhdxError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            w.place(4 << 20, 512),
+            Err(VhdxError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -300,8 +300,13 @@ pub async fn chunks(
 }
 
 /// Stores every chunk record of an upload body (each re-hashed by the
-/// store). Chunks of one request are stored concurrently; the store
-/// serialises only the append to the open pack.
+/// store). Chunks of one request are stored concurrently (the store bounds
+/// the CPU work to one chunk per core and serialises only the append to the
+/// open pack).
+/// Chunks of one upload request in flight at once (each holds a slice of the
+/// request body and its compressed copy).
+const MAX_PUTS_PER_REQUEST: usize = 16;
+
 pub(crate) async fn store_chunk_records(
     st: &SharedState,
     body: &Bytes,
@@ -313,7 +318,7 @@ pub(crate) async fn store_chunk_records(
         let store = st.store.clone();
         let data = body.slice(range);
         set.spawn(async move { store.put(hash, data).await });
-        while set.len() >= 4 {
+        while set.len() >= MAX_PUTS_PER_REQUEST {
             if let Some(r) = set.join_next().await {
                 tally(&mut resp, r)?;
             }

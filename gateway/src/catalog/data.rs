@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use futures_util::{stream, StreamExt, TryStreamExt};
+
 use tierback_format::ids::{ChunkId, PackId, PointId};
 use tierback_format::pack::TocEntry;
 
@@ -17,6 +19,15 @@ use super::{Catalog, CatalogError, Result};
 /// Ids per `IN (…)` statement of batched lookups (DESIGN.md §4: batched
 /// lookups are ~10× faster than single-key ones on SQLite).
 pub const LOOKUP_BATCH: usize = 256;
+/// Default number of concurrent statements of one [`Catalog::lookup_chunks`]
+/// (the pool has 8 connections; see docs/scale.md for the measurement).
+pub const LOOKUP_PARALLELISM: usize = 8;
+/// Upper bound of the parallelism a caller may ask for.
+pub const LOOKUP_MAX_PARALLELISM: usize = 8;
+/// Fewest ids per statement when a lookup is split for parallelism.
+pub const LOOKUP_MIN_PART: usize = 32;
+/// Rows per multi-row `INSERT` of chunk rows (5 bound values each).
+const INSERT_ROWS: usize = 128;
 
 /// Where a chunk lives in the local tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,30 +173,148 @@ fn decode_location(row: ChunkTuple) -> Result<(ChunkId, ChunkLocation)> {
     ))
 }
 
+/// Chunk ids whose first byte is in `first..end` (`end` `None`: to the
+/// last id). Chunk ids are keyed hashes, so ranges of equal width hold
+/// about equal numbers of rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRange {
+    pub first: u8,
+    pub end: Option<u8>,
+}
+
+impl ChunkRange {
+    /// `n` (1..=256) ranges of equal width covering every id.
+    pub fn split(n: usize) -> Vec<ChunkRange> {
+        let n = n.clamp(1, 256);
+        (0..n)
+            .map(|i| ChunkRange {
+                first: (i * 256 / n) as u8,
+                end: (i + 1 < n).then(|| ((i + 1) * 256 / n) as u8),
+            })
+            .collect()
+    }
+}
+
+pub(crate) async fn chunk_page(
+    pool: &sqlx::SqlitePool,
+    range: ChunkRange,
+    after: Option<&ChunkId>,
+    limit: u32,
+) -> Result<Vec<(ChunkId, PackId, u32)>> {
+    // BLOBs compare bytewise and a prefix sorts first: [first] <= every id
+    // starting with `first`, [end] > every id starting below `end`.
+    let sql = format!(
+        "SELECT id, pack_id, len FROM chunks WHERE id {} ? {} ORDER BY id LIMIT ?",
+        if after.is_some() { ">" } else { ">=" },
+        if range.end.is_some() {
+            "AND id < ?"
+        } else {
+            ""
+        },
+    );
+    let first = [range.first];
+    let mut q = sqlx::query_as::<_, (Vec<u8>, Vec<u8>, i64)>(&sql);
+    q = match after {
+        Some(a) => q.bind(&a.0[..]),
+        None => q.bind(&first[..]),
+    };
+    let end = range.end.map(|e| [e]);
+    if let Some(e) = &end {
+        q = q.bind(&e[..]);
+    }
+    let rows = q.bind(i64::from(limit)).fetch_all(pool).await?;
+    let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
+    rows.into_iter()
+        .map(|(id, pack, len)| {
+            Ok((
+                ChunkId::from_slice(&id).map_err(bad)?,
+                PackId::from_slice(&pack).map_err(bad)?,
+                to_u32(len, "chunk length")?,
+            ))
+        })
+        .collect()
+}
+
+/// One `IN (…)` statement.
+async fn select_chunks(
+    pool: sqlx::SqlitePool,
+    batch: Vec<ChunkId>,
+) -> Result<Vec<(ChunkId, ChunkLocation)>> {
+    let sql = format!(
+        "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id IN ({})",
+        vec!["?"; batch.len()].join(", ")
+    );
+    let mut q = sqlx::query_as::<_, ChunkTuple>(&sql);
+    for id in &batch {
+        q = q.bind(&id.0[..]);
+    }
+    q.fetch_all(&pool)
+        .await?
+        .into_iter()
+        .map(decode_location)
+        .collect()
+}
+
 impl Catalog {
-    /// Locations of `ids` (aligned with the input; `None` = not stored),
-    /// looked up [`LOOKUP_BATCH`] at a time.
+    /// Locations of `ids` (aligned with the input; `None` = not stored).
+    /// Ids the chunk filter rules out are answered `None` without SQL; the
+    /// rest are looked up [`LOOKUP_BATCH`] at most per statement, up to
+    /// [`LOOKUP_PARALLELISM`] statements at once (see
+    /// [`Self::lookup_chunks_with`]).
     pub async fn lookup_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLocation>>> {
-        let mut found: HashMap<ChunkId, ChunkLocation> = HashMap::with_capacity(ids.len());
-        for batch in ids.chunks(LOOKUP_BATCH) {
-            let sql = format!(
-                "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id IN ({})",
-                vec!["?"; batch.len()].join(", ")
-            );
-            let mut q = sqlx::query_as::<_, ChunkTuple>(&sql);
-            for id in batch {
-                q = q.bind(&id.0[..]);
-            }
-            for row in q.fetch_all(&self.pool).await? {
-                let (id, loc) = decode_location(row)?;
-                found.insert(id, loc);
-            }
+        self.lookup_chunks_with(ids, LOOKUP_PARALLELISM).await
+    }
+
+    /// [`Self::lookup_chunks`] with `parallelism` concurrent statements.
+    /// The ids left after the filter are split into about `parallelism`
+    /// statements (of [`LOOKUP_MIN_PART`]..=[`LOOKUP_BATCH`] ids), run on
+    /// as many pool connections at once, so that rows not in the page cache
+    /// are read with a queue depth above one.
+    pub async fn lookup_chunks_with(
+        &self,
+        ids: &[ChunkId],
+        parallelism: usize,
+    ) -> Result<Vec<Option<ChunkLocation>>> {
+        let filter = self.chunk_filter.active();
+        let ask: Vec<ChunkId> = match &filter {
+            Some(f) => ids.iter().filter(|id| f.may_contain(id)).copied().collect(),
+            None => ids.to_vec(),
+        };
+        if ask.is_empty() {
+            return Ok(vec![None; ids.len()]);
         }
+        let parallelism = parallelism.clamp(1, LOOKUP_MAX_PARALLELISM);
+        let part = ask
+            .len()
+            .div_ceil(parallelism)
+            .clamp(LOOKUP_MIN_PART, LOOKUP_BATCH);
+        // Owned batches and pool: the futures must be `Send` for any
+        // lifetime (axum handlers), which borrowed closures are not.
+        let batches: Vec<Vec<ChunkId>> = ask.chunks(part).map(<[ChunkId]>::to_vec).collect();
+        let pool = self.pool.clone();
+        let found: HashMap<ChunkId, ChunkLocation> = stream::iter(batches)
+            .map(move |batch| select_chunks(pool.clone(), batch))
+            .buffer_unordered(parallelism)
+            .try_fold(
+                HashMap::with_capacity(ask.len()),
+                |mut m, rows| async move {
+                    m.extend(rows);
+                    Ok(m)
+                },
+            )
+            .await?;
         Ok(ids.iter().map(|id| found.get(id).copied()).collect())
     }
 
     /// Location of one chunk.
     pub async fn chunk_location(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
+        if self
+            .chunk_filter
+            .active()
+            .is_some_and(|f| !f.may_contain(id))
+        {
+            return Ok(None);
+        }
         let row = sqlx::query_as::<_, ChunkTuple>(
             "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id = ?",
         )
@@ -199,30 +328,55 @@ impl Catalog {
 
     /// Records a durable pack and its chunks in one transaction. Idempotent:
     /// a pack or chunk already recorded is left as it is (a chunk keeps its
-    /// first location).
+    /// first location). The ids enter the chunk filter before the
+    /// transaction commits (a rolled-back insert leaves stale positives,
+    /// which cost a lookup).
     pub async fn insert_pack_with_chunks(&self, pack: &NewPack, chunks: &[TocEntry]) -> Result<()> {
+        self.insert_packs_with_chunks(&[(*pack, chunks)]).await
+    }
+
+    /// [`Self::insert_pack_with_chunks`] for several durable packs in ONE
+    /// transaction (one WAL fsync instead of one per pack: bulk loads such
+    /// as a catalog rebuilt from the cloud).
+    pub async fn insert_packs_with_chunks(&self, packs: &[(NewPack, &[TocEntry])]) -> Result<()> {
+        let guard = self.chunk_filter.insert_guard().await;
+        guard.add(
+            packs
+                .iter()
+                .flat_map(|(_, c)| c.iter().map(|c| &c.chunk_id)),
+        );
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO packs (id, size, created_at, state) VALUES (?, ?, ?, 'sealed')",
-        )
-        .bind(&pack.id.0[..])
-        .bind(to_i64(pack.size, "pack size")?)
-        .bind(pack.created_at)
-        .execute(&mut *tx)
-        .await?;
-        for c in chunks {
+        for (pack, chunks) in packs {
             sqlx::query(
-                "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO packs (id, size, created_at, state) VALUES (?, ?, ?, 'sealed')",
             )
-            .bind(&c.chunk_id.0[..])
             .bind(&pack.id.0[..])
-            .bind(to_i64(c.offset, "chunk offset")?)
-            .bind(i64::from(c.len))
-            .bind(i64::from(c.raw_len))
+            .bind(to_i64(pack.size, "pack size")?)
+            .bind(pack.created_at)
             .execute(&mut *tx)
             .await?;
+            // Multi-row statements: per-statement overhead, not SQLite,
+            // bounded pack-sized transactions (docs/scale.md).
+            for rows in chunks.chunks(INSERT_ROWS) {
+                let sql = format!(
+                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES {}",
+                    vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for c in rows {
+                    q = q
+                        .bind(&c.chunk_id.0[..])
+                        .bind(&pack.id.0[..])
+                        .bind(to_i64(c.offset, "chunk offset")?)
+                        .bind(i64::from(c.len))
+                        .bind(i64::from(c.raw_len));
+                }
+                q.execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
+        drop(guard);
+        self.chunk_filter.maybe_rebuild(&self.pool);
         Ok(())
     }
 
@@ -392,6 +546,21 @@ impl Catalog {
             .collect()
     }
 
+    /// One keyset page of the chunk table in id order, within `range`:
+    /// (id, pack, sealed length) of at most `limit` rows after `after` (from
+    /// the range's start if `None`). Whole-table passes (the chunk filter's
+    /// build, GC's plan) read the table this way, a few ranges at once, so
+    /// that leaf pages scattered by random inserts are read at a queue depth
+    /// above one, and no read transaction lasts longer than a page.
+    pub async fn chunk_page(
+        &self,
+        range: ChunkRange,
+        after: Option<&ChunkId>,
+        limit: u32,
+    ) -> Result<Vec<(ChunkId, PackId, u32)>> {
+        chunk_page(&self.pool, range, after, limit).await
+    }
+
     /// The chunks the catalog places in `pack`, in offset order.
     pub async fn pack_chunks(&self, pack: &PackId) -> Result<Vec<(ChunkId, ChunkLocation)>> {
         let rows = sqlx::query_as::<_, ChunkTuple>(
@@ -492,6 +661,8 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     async fn catalog() -> (tempfile::TempDir, Catalog) {
@@ -640,6 +811,195 @@ mod tests {
             })
         );
         assert_eq!(c.get_pack(&PackId([9; 16])).await.expect("pack"), None);
+    }
+
+    fn toc(ids: &[ChunkId]) -> Vec<TocEntry> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| TocEntry {
+                chunk_id: *id,
+                offset: 32 + i as u64 * 10,
+                len: 10,
+                raw_len: 20,
+            })
+            .collect()
+    }
+
+    fn hashed(from: u32, n: u32) -> Vec<ChunkId> {
+        (from..from + n)
+            .map(|i| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .collect()
+    }
+
+    /// Every id of `present` found (in its pack), every id of `absent` not,
+    /// at every parallelism, through both lookups.
+    async fn assert_exact(c: &Catalog, present: &[(ChunkId, PackId)], absent: &[ChunkId]) {
+        let mut query: Vec<ChunkId> = absent.to_vec();
+        query.extend(present.iter().map(|(id, _)| *id));
+        for par in [1, 3, LOOKUP_PARALLELISM, LOOKUP_MAX_PARALLELISM, 100] {
+            let found = c.lookup_chunks_with(&query, par).await.expect("lookup");
+            assert_eq!(found.len(), query.len());
+            let (a, p) = found.split_at(absent.len());
+            assert!(a.iter().all(Option::is_none), "parallelism {par}");
+            for (f, (_, pack)) in p.iter().zip(present) {
+                assert_eq!(f.map(|l| l.pack_id), Some(*pack), "parallelism {par}");
+            }
+        }
+        for (id, pack) in present.iter().take(50) {
+            let loc = c.chunk_location(id).await.expect("loc");
+            assert_eq!(loc.map(|l| l.pack_id), Some(*pack));
+        }
+        for id in absent.iter().take(50) {
+            assert_eq!(c.chunk_location(id).await.expect("loc"), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_stay_exact_with_the_filter() {
+        let (d, c) = catalog().await;
+        assert!(
+            c.chunk_filter_status().ready,
+            "small catalog: built at open"
+        );
+        assert!(c.lookup_chunks(&[]).await.expect("empty").is_empty());
+        let (p1, p2) = (PackId([1; 16]), PackId([2; 16]));
+        let pack = |id| NewPack {
+            id,
+            size: 1,
+            created_at: 1,
+        };
+        let first = hashed(0, 1500);
+        c.insert_pack_with_chunks(&pack(p1), &toc(&first))
+            .await
+            .expect("insert");
+        let absent = hashed(10_000, 3000);
+        let present: Vec<_> = first.iter().map(|id| (*id, p1)).collect();
+        assert_exact(&c, &present, &absent).await;
+        // The filter answers most misses: about 0.5 % reach SQL.
+        let f = c.chunk_filter.active().expect("filter");
+        let fp = absent.iter().filter(|id| f.may_contain(id)).count();
+        assert!(fp < 60, "{fp} false positives of 3000");
+
+        // Inserted after open, into another pack.
+        let second = hashed(5000, 700);
+        c.insert_pack_with_chunks(&pack(p2), &toc(&second))
+            .await
+            .expect("insert");
+        let mut present2 = present.clone();
+        present2.extend(second.iter().map(|id| (*id, p2)));
+        assert_exact(&c, &present2, &absent).await;
+
+        // Deleted by GC: stale filter bits, exact answers.
+        assert_eq!(c.delete_pack(&p1).await.expect("drop"), 1500);
+        let mut gone = absent.clone();
+        gone.extend(&first);
+        let kept: Vec<_> = second.iter().map(|id| (*id, p2)).collect();
+        assert_exact(&c, &kept, &gone).await;
+
+        // Reopened: the filter is rebuilt from the table.
+        c.close().await;
+        let c = Catalog::open(&d.path().join("catalog.db"))
+            .await
+            .expect("reopen");
+        let s = c.chunk_filter_status();
+        assert!(s.ready);
+        assert_eq!(s.last_build_rows, 700);
+        assert_exact(&c, &kept, &gone).await;
+
+        // Before a filter is built every id goes to SQL, still exactly.
+        let unbuilt = Catalog {
+            pool: c.pool.clone(),
+            chunk_filter: Arc::default(),
+        };
+        assert!(!unbuilt.chunk_filter_status().ready);
+        assert_exact(&unbuilt, &kept, &gone).await;
+    }
+
+    #[tokio::test]
+    async fn chunk_pages_over_split_ranges_see_every_row_once() {
+        let (_d, c) = catalog().await;
+        let mut ids = hashed(0, 3000);
+        ids.push(ChunkId([0; 32]));
+        ids.push(ChunkId([0xff; 32]));
+        ids.push(ChunkId([0x80; 32]));
+        c.insert_pack_with_chunks(
+            &NewPack {
+                id: PackId([1; 16]),
+                size: 1,
+                created_at: 1,
+            },
+            &toc(&ids),
+        )
+        .await
+        .expect("insert");
+        for n in [1, 3, 4, 7, 256, 1000] {
+            let mut seen = Vec::new();
+            for range in ChunkRange::split(n) {
+                let mut after = None;
+                loop {
+                    let page = c.chunk_page(range, after.as_ref(), 97).await.expect("page");
+                    seen.extend(page.iter().map(|(id, _, _)| *id));
+                    if page.len() < 97 {
+                        break;
+                    }
+                    after = page.last().map(|(id, _, _)| *id);
+                }
+            }
+            let mut want = ids.clone();
+            want.sort();
+            assert_eq!(seen, want, "{n} ranges");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overfull_filter_is_rebuilt_and_stays_exact() {
+        let (_d, c) = catalog().await;
+        let p1 = PackId([1; 16]);
+        let ids = hashed(0, 2000);
+        c.insert_pack_with_chunks(
+            &NewPack {
+                id: p1,
+                size: 1,
+                created_at: 1,
+            },
+            &toc(&ids[..1000]),
+        )
+        .await
+        .expect("insert");
+        // A filter sized for 100 entries holding 1000: answers stay exact.
+        c.chunk_filter
+            .build(&c.pool, Some(100))
+            .await
+            .expect("build");
+        let s = c.chunk_filter_status();
+        assert!(s.capacity < 200 && s.added == 1000, "{s:?}");
+        let present: Vec<_> = ids[..1000].iter().map(|id| (*id, p1)).collect();
+        assert_exact(&c, &present, &ids[1000..]).await;
+        // The next insert starts a rebuild, twice the inserts at least.
+        let p2 = PackId([2; 16]);
+        c.insert_pack_with_chunks(
+            &NewPack {
+                id: p2,
+                size: 1,
+                created_at: 1,
+            },
+            &toc(&ids[1000..1500]),
+        )
+        .await
+        .expect("insert");
+        let mut grown = false;
+        for _ in 0..200 {
+            let s = c.chunk_filter_status();
+            if s.capacity >= 2000 && !s.building {
+                grown = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(grown, "{:?}", c.chunk_filter_status());
+        let mut present = present;
+        present.extend(ids[1000..1500].iter().map(|id| (*id, p2)));
+        assert_exact(&c, &present, &ids[1500..]).await;
     }
 
     #[tokio::test]

@@ -125,7 +125,7 @@ impl Faults {
         false
     }
 
-    fn mid_write(&self) -> io::Result<()> {
+    pub(crate) fn mid_write(&self) -> io::Result<()> {
         #[cfg(test)]
         {
             use std::sync::atomic::Ordering;
@@ -169,6 +169,38 @@ pub(crate) fn write_durably(path: &Path, bytes: &[u8], faults: &Faults) -> io::R
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    fsync_dir(dir)
+}
+
+/// Seals a pack whose header and records were streamed into `tmp`: cuts the
+/// file back to `records_end` (dropping a tail from a failed attempt), writes
+/// `tail` (sealed TOC and trailer), fsyncs, renames to `path` and fsyncs the
+/// directory. On error `tmp` is kept, so the caller can try again; a retry
+/// after only the directory fsync failed finds `path` complete and redoes that.
+pub(crate) fn seal_pack_file(
+    tmp: &Path,
+    path: &Path,
+    records_end: u64,
+    tail: &[u8],
+    faults: &Faults,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path without a directory"))?;
+    if !tmp.exists() && fs::metadata(path).is_ok_and(|m| m.len() == records_end + tail.len() as u64)
+    {
+        return fsync_dir(dir);
+    }
+    let f = OpenOptions::new().write(true).open(tmp)?;
+    f.set_len(records_end)?;
+    let (first, second) = tail.split_at(tail.len() / 2);
+    f.write_all_at(first, records_end)?;
+    faults.mid_write()?;
+    f.write_all_at(second, records_end + first.len() as u64)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(tmp, path)?;
     fsync_dir(dir)
 }
 

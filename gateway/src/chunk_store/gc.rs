@@ -30,6 +30,17 @@
 //! chunk of the index is still catalogued (commit then answers 409; the agent
 //! re-offers its chunks and commits again).
 //!
+//! # Bounded memory (docs/scale.md)
+//!
+//! The mark is a Bloom filter of live ids ([`BlockedBloom`]), sized at
+//! [`GC_MARK_BITS_PER_ENTRY`] bits per catalogued chunk and never larger
+//! than [`GC_MARK_MAX_BYTES`], whatever the store's size (160 MB at 80 M
+//! chunks). It has no false negatives, so a live chunk is always kept; a
+//! false positive only keeps a dead chunk (and maybe its pack) until a later
+//! run, whose filter has a fresh random seed. The plan reads the chunk table
+//! once, sequentially, keeping a few counters per pack and one row per
+//! candidate pack; a candidate's chunks are re-read when it is swept.
+//!
 //! # Crash ordering (docs/formats.md §10)
 //!
 //! Dead pack: catalog transaction (chunk rows + pack row) → delete file →
@@ -46,12 +57,46 @@ use serde::{Deserialize, Serialize};
 use tierback_format::crypto;
 use tierback_format::ids::{ChunkId, PackId, PointId};
 
+use futures_util::{stream, StreamExt, TryStreamExt};
+
 use super::{blocking, files, ChunkStore, StoreError};
-use crate::catalog::{ChunkLocation, PackRow};
+use crate::catalog::{BlockedBloom, ChunkLocation, ChunkRange, PackRow};
 
 /// Default compaction threshold: a pack whose live records fill less than
 /// this percentage of it is compacted.
 pub const DEFAULT_COMPACT_BELOW_PERCENT: u8 = 50;
+
+/// Bits of the mark filter per catalogued chunk (~0.1 % of dead chunks are
+/// kept for one more run).
+pub const GC_MARK_BITS_PER_ENTRY: u64 = 16;
+/// Upper bound of the mark filter's memory, whatever the store's size
+/// (16 bits per entry up to 134 M chunks, fewer beyond: more dead chunks
+/// survive a run, no live one is ever lost).
+pub const GC_MARK_MAX_BYTES: u64 = 256 << 20;
+/// Indexes read and decrypted at once while marking.
+const MARK_PARALLELISM: usize = 4;
+/// Chunk rows per page of the plan's pass over the chunk table.
+const PLAN_PAGE: u32 = 50_000;
+/// Id ranges the plan reads at once (queue depth for a cold catalog).
+const PLAN_SHARDS: usize = 4;
+
+/// What the plan learns about one pack from its chunk rows.
+#[derive(Default)]
+struct PackUse {
+    rows: u64,
+    /// Rows named by committed points (the mark).
+    marked: u64,
+    /// Rows marked or touched since the floor, and their sealed bytes.
+    kept: u64,
+    kept_bytes: u64,
+}
+
+/// The chunks named by committed points, as a Bloom filter (see the module
+/// docs), and the points already read into it.
+struct Mark {
+    live: Arc<BlockedBloom>,
+    points: HashSet<PointId>,
+}
 
 /// In-memory record of chunk references by running backups (see the module
 /// docs). Cheap: one hash-map insert per reference, no catalog write.
@@ -190,7 +235,9 @@ pub struct GcReport {
     pub packs_before: u64,
     pub bytes_before: u64,
     pub chunks_before: u64,
-    /// Distinct chunks named by committed points (the mark).
+    /// Catalogued chunks (in packs older than the run) that the mark keeps:
+    /// every chunk named by a committed point, plus the mark filter's rare
+    /// false positives.
     pub live_chunks: u64,
     /// Chunk rows removed (dead chunks).
     pub chunks_removed: u64,
@@ -275,55 +322,98 @@ impl ChunkStore {
         };
         (r.packs_before, r.bytes_before, r.chunks_before) = self.catalog.store_totals().await?;
 
-        let mut marked = HashSet::new();
-        let mut live = HashSet::new();
-        self.mark_new_points(&mut marked, &mut live).await?;
-        r.live_chunks = live.len() as u64;
+        let bytes = r
+            .chunks_before
+            .saturating_mul(GC_MARK_BITS_PER_ENTRY)
+            .div_ceil(8)
+            .clamp(4096, GC_MARK_MAX_BYTES);
+        let mut mark = Mark {
+            live: Arc::new(BlockedBloom::with_bytes(
+                bytes,
+                r.chunks_before,
+                rand::random(),
+            )),
+            points: HashSet::new(),
+        };
+        self.mark_new_points(&mut mark).await?;
+        let live = mark.live.clone();
 
         // Plan. Packs sealed since GC started hold only chunks stored by
-        // running backups (or compaction): never candidates.
-        let mut dead: Vec<(PackRow, PackChunks)> = Vec::new();
-        let mut sparse: Vec<(PackRow, PackChunks)> = Vec::new();
+        // running backups (or compaction): never candidates. One pass over
+        // the chunk table in keyset pages, PLAN_SHARDS id ranges at once,
+        // totals each pack in memory (O(packs), no per-chunk random read);
+        // only the candidate pack rows are kept, and a dry run counts as it
+        // goes.
         let packs = self.catalog.list_packs().await?;
         let new_packs = self.state().gc_new_packs.clone().unwrap_or_default();
+        let usage: Arc<Mutex<HashMap<PackId, PackUse>>> =
+            Arc::new(Mutex::new(HashMap::with_capacity(packs.len())));
+        let scans = ChunkRange::split(PLAN_SHARDS).into_iter().map(|range| {
+            let (catalog, live, touches, usage) = (
+                self.catalog.clone(),
+                live.clone(),
+                self.touches.clone(),
+                usage.clone(),
+            );
+            async move {
+                let mut after: Option<ChunkId> = None;
+                loop {
+                    let page = catalog.chunk_page(range, after.as_ref(), PLAN_PAGE).await?;
+                    let touched = touches.touched_since(floor, page.iter().map(|(id, _, _)| id));
+                    let mut usage = usage.lock().unwrap_or_else(|p| p.into_inner());
+                    for ((id, pack, len), t) in page.iter().zip(touched) {
+                        let marked = live.may_contain(id);
+                        let u = usage.entry(*pack).or_default();
+                        u.rows += 1;
+                        if marked {
+                            u.marked += 1;
+                        }
+                        if marked || t {
+                            u.kept += 1;
+                            u.kept_bytes += u64::from(*len);
+                        }
+                    }
+                    drop(usage);
+                    if page.len() < PLAN_PAGE as usize {
+                        return Ok::<(), StoreError>(());
+                    }
+                    after = page.last().map(|(id, _, _)| *id);
+                }
+            }
+        });
+        stream::iter(scans)
+            .buffer_unordered(PLAN_SHARDS)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let mut usage = std::mem::take(&mut *usage.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut dead: Vec<PackRow> = Vec::new();
+        let mut sparse: Vec<PackRow> = Vec::new();
         for p in packs {
             if new_packs.contains(&p.id) {
                 continue;
             }
-            let chunks = self.catalog.pack_chunks(&p.id).await?;
-            let keep = self.keep_flags(floor, &live, &chunks);
-            let live_bytes: u64 = chunks
-                .iter()
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|((_, l), _)| u64::from(l.len))
-                .sum();
-            if !keep.iter().any(|k| *k) {
-                dead.push((p, chunks));
-            } else if live_bytes * 100 < u64::from(opts.compact_below_percent) * p.size {
-                sparse.push((p, chunks));
+            let u = usage.remove(&p.id).unwrap_or_default();
+            r.live_chunks += u.marked;
+            if u.kept == 0 {
+                if opts.dry_run {
+                    r.packs_removed += 1;
+                    r.chunks_removed += u.rows;
+                    r.bytes_reclaimed += p.size;
+                }
+                dead.push(p);
+            } else if u.kept_bytes * 100 < u64::from(opts.compact_below_percent) * p.size {
+                if opts.dry_run {
+                    r.packs_compacted += 1;
+                    r.chunks_moved += u.kept;
+                    r.chunks_removed += u.rows - u.kept;
+                    r.bytes_reclaimed += p.size.saturating_sub(u.kept_bytes);
+                }
+                sparse.push(p);
             }
         }
+        drop(usage);
 
         if opts.dry_run {
-            for (p, chunks) in &dead {
-                r.packs_removed += 1;
-                r.chunks_removed += chunks.len() as u64;
-                r.bytes_reclaimed += p.size;
-            }
-            for (p, chunks) in &sparse {
-                let keep = self.keep_flags(floor, &live, chunks);
-                let moved: u64 = chunks
-                    .iter()
-                    .zip(&keep)
-                    .filter(|(_, k)| **k)
-                    .map(|((_, l), _)| u64::from(l.len))
-                    .sum();
-                r.packs_compacted += 1;
-                r.chunks_moved += keep.iter().filter(|k| **k).count() as u64;
-                r.chunks_removed += keep.iter().filter(|k| !**k).count() as u64;
-                r.bytes_reclaimed += p.size.saturating_sub(moved);
-            }
             (r.packs_after, r.bytes_after, r.chunks_after) = (
                 r.packs_before
                     .saturating_sub(r.packs_removed + r.packs_compacted),
@@ -337,13 +427,14 @@ impl ChunkStore {
 
         // Points committed while we planned: a second fence (their chunks
         // are touched by `write_index` as well).
-        self.mark_new_points(&mut marked, &mut live).await?;
+        self.mark_new_points(&mut mark).await?;
 
         let mut reclaimed: u64 = 0;
         let mut rewritten: u64 = 0;
 
         // Sweep 1: dead packs.
-        for (p, chunks) in dead {
+        for p in dead {
+            let chunks = self.catalog.pack_chunks(&p.id).await?;
             let guard = self.sweep.write().await;
             if self.keep_flags(floor, &live, &chunks).iter().any(|k| *k) {
                 r.packs_skipped += 1;
@@ -359,7 +450,8 @@ impl ChunkStore {
         // Sweep 2: compaction. First every live record goes into the open
         // pack and is made durable, then each old pack is swapped out.
         let mut moved: Vec<(PackRow, PackChunks, PackChunks)> = Vec::new();
-        for (p, chunks) in sparse {
+        for p in sparse {
+            let chunks = self.catalog.pack_chunks(&p.id).await?;
             let keep = self.keep_flags(floor, &live, &chunks);
             let wanted: PackChunks = chunks
                 .iter()
@@ -467,37 +559,54 @@ impl ChunkStore {
         Ok(r)
     }
 
-    /// Adds the chunks of committed points not yet in `marked` to `live`.
-    /// An index that does not open stops GC: what is live is then unknown.
-    async fn mark_new_points(
-        &self,
-        marked: &mut HashSet<PointId>,
-        live: &mut HashSet<ChunkId>,
-    ) -> Result<(), StoreError> {
+    /// Adds the chunks of committed points not yet marked to the mark,
+    /// reading [`MARK_PARALLELISM`] indexes at once (each decrypted and
+    /// inserted on a blocking thread; only the filter outlives it). An
+    /// index that does not open stops GC: what is live is then unknown.
+    async fn mark_new_points(&self, mark: &mut Mark) -> Result<(), StoreError> {
+        let todo: Vec<(PointId, u32)> = self
+            .catalog
+            .committed_streams()
+            .await?
+            .into_iter()
+            .filter(|(p, _)| !mark.points.contains(p))
+            .collect();
+        let (shared, live) = (self.shared.clone(), mark.live.clone());
+        let mut reads = stream::iter(todo)
+            .map(move |(point, stream_no)| {
+                let (shared, live) = (shared.clone(), live.clone());
+                async move {
+                    let read = blocking(move || {
+                        shared.read_index(&point, stream_no).map(|idx| {
+                            idx.entries.iter().for_each(|(_, id)| live.insert(id));
+                        })
+                    })
+                    .await;
+                    (point, stream_no, read)
+                }
+            })
+            .buffer_unordered(MARK_PARALLELISM);
         let mut new_points = HashSet::new();
-        for (point, stream_no) in self.catalog.committed_streams().await? {
-            if marked.contains(&point) {
-                continue;
-            }
-            let idx = self.read_index(&point, stream_no).await.map_err(|e| {
+        while let Some((point, stream_no, read)) = reads.next().await {
+            read.and_then(|r| r).map_err(|e| {
                 StoreError::Internal(format!(
                     "GC stopped, nothing deleted since: cannot read index {stream_no} of point {point} ({e}); run verify"
                 ))
             })?;
-            live.extend(idx.entries.iter().map(|(_, id)| *id));
             new_points.insert(point);
         }
-        marked.extend(new_points);
+        // Only after every stream of a point was read is the point marked.
+        mark.points.extend(new_points);
         Ok(())
     }
 
     /// For each chunk: live (marked) or touched by a backup since `floor`.
-    fn keep_flags(&self, floor: u64, live: &HashSet<ChunkId>, chunks: &PackChunks) -> Vec<bool> {
+    fn keep_flags(&self, floor: u64, live: &BlockedBloom, chunks: &PackChunks) -> Vec<bool> {
         self.touches
             .touched_since(floor, chunks.iter().map(|(id, _)| id))
             .into_iter()
             .zip(chunks)
-            .map(|(t, (id, _))| t || live.contains(id))
+            .map(|(t, (id, _))| t || live.may_contain(id))
             .collect()
     }
 

@@ -62,7 +62,7 @@ use tierback_format::crypto::{self, MasterKey};
 use tierback_format::ids::{ChunkHash, ChunkId, PackId, PointId};
 use tierback_format::index::{self as fmt_index, DiskIndex};
 use tierback_format::magic::MAX_CHUNK_SIZE;
-use tierback_format::pack::{PackBuilder, TocEntry};
+use tierback_format::pack::{PackWriter, TocEntry};
 
 use crate::catalog::{now_secs, Catalog, CatalogError, ChunkLocation, NewPack};
 use files::{Faults, HandleCache, Layout};
@@ -248,20 +248,99 @@ impl StoreError {
     }
 }
 
-/// The pack currently accepting appends.
+/// The pack currently accepting appends. Its records go straight to a
+/// `*.tmp` file beside its final path, so memory holds only the TOC entries,
+/// whatever the pack size.
 struct OpenPack {
-    builder: PackBuilder,
+    builder: PackFile,
     key: [u8; 32],
     ids: HashSet<ChunkId>,
 }
 
-/// A pack taken out of `open` to be sealed: finished bytes, kept until the
-/// file is durable and catalogued (and across failed attempts).
+/// A pack taken out of `open` to be sealed: its `*.tmp` file holds header and
+/// records up to `records_end`; kept until the file is sealed, renamed and
+/// catalogued (and across failed attempts, which rewrite the tail).
 struct SealingPack {
     id: PackId,
-    bytes: Arc<Vec<u8>>,
+    key: [u8; 32],
+    tmp: PathBuf,
+    records_end: u64,
     entries: Arc<Vec<TocEntry>>,
     ids: HashSet<ChunkId>,
+}
+
+/// The file of the open pack, created at the first append.
+struct PackFile {
+    id: PackId,
+    tmp: PathBuf,
+    w: Option<PackWriter<std::fs::File>>,
+    shared: Arc<Shared>,
+}
+
+impl PackFile {
+    fn new(shared: &Arc<Shared>, id: PackId) -> PackFile {
+        let path = shared.layout.pack_path(&id);
+        let tmp = path.with_extension(format!(
+            "pack.{:016x}{}",
+            rand::random::<u64>(),
+            files::TMP_SUFFIX
+        ));
+        PackFile {
+            id,
+            tmp,
+            w: None,
+            shared: shared.clone(),
+        }
+    }
+
+    fn id(&self) -> &PackId {
+        &self.id
+    }
+
+    fn len(&self) -> u64 {
+        self.w.as_ref().map_or(0, |w| w.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.w.as_ref().is_none_or(|w| w.is_empty())
+    }
+
+    /// Appends a sealed record (see [`PackWriter::append`]). A failed write
+    /// (disk full) is cut off again, so the file stays a valid prefix.
+    fn append(&mut self, chunk_id: ChunkId, sealed: &[u8], raw_len: u32) -> io::Result<(u64, u32)> {
+        if self.w.is_none() {
+            if let Some(dir) = self.tmp.parent() {
+                files::ensure_dir(dir)?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&self.tmp)?;
+            self.w = Some(PackWriter::new(f, self.id)?);
+        }
+        let w = self
+            .w
+            .as_mut()
+            .ok_or_else(|| io::Error::other("pack file not open"))?;
+        let end = w.len();
+        let r = match self.shared.faults.mid_write() {
+            // Test-only: a write that stops halfway, as on a full disk.
+            Err(e) => {
+                use std::io::Write;
+                w.get_mut()
+                    .write_all(&sealed[..sealed.len() / 2])
+                    .and(Err(e))
+            }
+            Ok(()) => w.append(chunk_id, sealed, raw_len),
+        };
+        if r.is_err() {
+            use std::io::{Seek, SeekFrom};
+            let f = w.get_mut();
+            f.set_len(end)?;
+            f.seek(SeekFrom::Start(end))?;
+        }
+        r
+    }
 }
 
 #[derive(Default)]
@@ -271,6 +350,27 @@ struct State {
     claims: HashSet<ChunkId>,
     /// While GC runs: packs catalogued since it started (never candidates).
     gc_new_packs: Option<HashSet<PackId>>,
+}
+
+/// What sealing one pack needs, cloned out of [`SealingPack`].
+struct SealJob {
+    id: PackId,
+    key: [u8; 32],
+    tmp: PathBuf,
+    records_end: u64,
+    entries: Arc<Vec<TocEntry>>,
+}
+
+impl SealingPack {
+    fn job(&self) -> SealJob {
+        SealJob {
+            id: self.id,
+            key: self.key,
+            tmp: self.tmp.clone(),
+            records_end: self.records_end,
+            entries: self.entries.clone(),
+        }
+    }
 }
 
 impl State {
@@ -302,6 +402,9 @@ pub struct ChunkStore {
     sweep: tokio::sync::RwLock<()>,
     /// Held by the one running GC.
     gc_running: Arc<tokio::sync::Mutex<()>>,
+    /// Permits for CPU-bound work of `put` (hash check, zstd, AES-GCM): one
+    /// per core, so concurrent uploads queue instead of thrashing.
+    cpu: tokio::sync::Semaphore,
 }
 
 const _: () = {
@@ -367,6 +470,9 @@ impl ChunkStore {
             touches: Arc::default(),
             sweep: tokio::sync::RwLock::new(()),
             gc_running: Arc::default(),
+            cpu: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         })
     }
 
@@ -434,7 +540,9 @@ impl ChunkStore {
                 max: MAX_CHUNK_SIZE,
             });
         }
+        let permit = self.cpu_permit().await?;
         let (actual, data) = blocking(move || (ChunkHash::of(&data), data)).await?;
+        drop(permit);
         if actual != hash {
             return Err(StoreError::HashMismatch {
                 expected: hash,
@@ -455,7 +563,9 @@ impl ChunkStore {
         }
         let level = self.cfg.zstd_level;
         let raw_len = data.len() as u32;
+        let permit = self.cpu_permit().await?;
         let payload = Arc::new(blocking(move || crypto::encode_chunk_payload(&data, level)).await?);
+        drop(permit);
         loop {
             if self.open_is_full() {
                 self.seal_pending(SealMode::IfFull).await?;
@@ -467,9 +577,9 @@ impl ChunkStore {
             let mut st = self.state();
             match st.open.as_mut() {
                 Some(open) if *open.builder.id() == pack_id => {
-                    open.builder.append(id, &sealed, raw_len).map_err(|e| {
-                        StoreError::Internal(format!("appending to the open pack: {e}"))
-                    })?;
+                    open.builder
+                        .append(id, &sealed, raw_len)
+                        .map_err(|e| StoreError::write(format!("pack {pack_id}"), e))?;
                     open.ids.insert(id);
                     drop(st);
                     self.touches.touch([&id]);
@@ -484,6 +594,13 @@ impl ChunkStore {
                 _ => {}
             }
         }
+    }
+
+    async fn cpu_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        self.cpu
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Internal(format!("CPU permits: {e}")))
     }
 
     fn claim(&self, id: ChunkId) -> Option<Claim<'_>> {
@@ -507,7 +624,7 @@ impl ChunkStore {
         let open = st.open.get_or_insert_with(|| {
             let id = PackId::random();
             OpenPack {
-                builder: PackBuilder::in_memory(id),
+                builder: PackFile::new(&self.shared, id),
                 key: self.shared.keys.master.pack_key(&id),
                 ids: HashSet::new(),
             }
@@ -526,13 +643,9 @@ impl ChunkStore {
     async fn seal_pending(&self, mode: SealMode) -> Result<(), StoreError> {
         let _seal = self.seal_lock.lock().await;
         // A pack whose sealing failed (or whose sealer was cancelled) first.
-        let retry = self
-            .state()
-            .sealing
-            .as_ref()
-            .map(|s| (s.id, s.bytes.clone(), s.entries.clone()));
-        if let Some((id, bytes, entries)) = retry {
-            self.write_pack(id, bytes, entries).await?;
+        let retry = self.state().sealing.as_ref().map(SealingPack::job);
+        if let Some(job) = retry {
+            self.write_pack(job).await?;
             self.state().sealing = None;
         }
         let taken = {
@@ -543,19 +656,25 @@ impl ChunkStore {
             });
             match st.open.take() {
                 Some(open) if ready => {
-                    let id = *open.builder.id();
-                    let (bytes, _, entries) = open
-                        .builder
-                        .finish(&open.key)
-                        .map_err(|e| StoreError::Internal(format!("finishing pack {id}: {e}")))?;
-                    let (bytes, entries) = (Arc::new(bytes), Arc::new(entries));
-                    st.sealing = Some(SealingPack {
+                    let PackFile { id, tmp, w, .. } = open.builder;
+                    let (records_end, entries) = match w {
+                        Some(w) => {
+                            let (_file, end, entries) = w.into_parts();
+                            (end, entries)
+                        }
+                        None => (0, Vec::new()),
+                    };
+                    let sealing = SealingPack {
                         id,
-                        bytes: bytes.clone(),
-                        entries: entries.clone(),
+                        key: open.key,
+                        tmp,
+                        records_end,
+                        entries: Arc::new(entries),
                         ids: open.ids,
-                    });
-                    Some((id, bytes, entries))
+                    };
+                    let job = sealing.job();
+                    st.sealing = Some(sealing);
+                    Some(job)
                 }
                 other => {
                     st.open = other;
@@ -563,23 +682,34 @@ impl ChunkStore {
                 }
             }
         };
-        if let Some((id, bytes, entries)) = taken {
-            self.write_pack(id, bytes, entries).await?;
+        if let Some(job) = taken {
+            self.write_pack(job).await?;
             self.state().sealing = None;
         }
         Ok(())
     }
 
-    async fn write_pack(
-        &self,
-        id: PackId,
-        bytes: Arc<Vec<u8>>,
-        entries: Arc<Vec<TocEntry>>,
-    ) -> Result<(), StoreError> {
+    /// Seals a pack file (tail written, fsynced, renamed, directory
+    /// fsynced), then records it and its chunks in one catalog transaction.
+    async fn write_pack(&self, job: SealJob) -> Result<(), StoreError> {
         let shared = self.shared.clone();
-        let size = bytes.len() as u64;
+        let SealJob {
+            id,
+            key,
+            tmp,
+            records_end,
+            entries,
+        } = job;
+        let tail = tierback_format::pack::pack_tail(&key, &id, &entries, records_end);
+        let size = records_end + tail.len() as u64;
         blocking(move || {
-            files::write_durably(&shared.layout.pack_path(&id), &bytes, &shared.faults)
+            files::seal_pack_file(
+                &tmp,
+                &shared.layout.pack_path(&id),
+                records_end,
+                &tail,
+                &shared.faults,
+            )
         })
         .await?
         .map_err(|e| StoreError::write(format!("pack {id}"), e))?;
@@ -621,13 +751,27 @@ impl ChunkStore {
     /// Plaintext of one durable chunk: read from its pack, tag checked,
     /// decompressed and verified against its id.
     pub async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
+        let loc = self
+            .catalog
+            .chunk_location(id)
+            .await?
+            .ok_or(StoreError::NotFound(*id))?;
+        self.get_at(id, loc).await
+    }
+
+    /// Where each of `ids` lives (`None`: not durably stored), looked up in
+    /// batches: the first half of [`Self::get`] for many chunks at once.
+    pub async fn locate(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLocation>>, StoreError> {
+        Ok(self.catalog.lookup_chunks(ids).await?)
+    }
+
+    /// [`Self::get`] of a chunk [`Self::locate`] found at `loc`: the read,
+    /// tag check, decompression and id check run on a blocking thread, so
+    /// callers get parallelism by awaiting several of these at once.
+    pub async fn get_at(&self, id: &ChunkId, loc: ChunkLocation) -> Result<Bytes, StoreError> {
+        let mut loc = loc;
         let mut retried = false;
         loop {
-            let loc = self
-                .catalog
-                .chunk_location(id)
-                .await?
-                .ok_or(StoreError::NotFound(*id))?;
             let shared = self.shared.clone();
             let cid = *id;
             match blocking(move || shared.read_chunk(&cid, &loc)).await? {
@@ -636,13 +780,76 @@ impl ChunkStore {
                 // the lookup and the read: look again once.
                 Err(e) if !retried => {
                     retried = true;
-                    if self.catalog.chunk_location(id).await? == Some(loc) {
-                        return Err(e);
+                    match self.catalog.chunk_location(id).await? {
+                        Some(now) if now == loc => return Err(e),
+                        Some(now) => loc = now,
+                        None => return Err(StoreError::NotFound(*id)),
                     }
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The opened but still-encoded payload of a chunk [`Self::locate`] found
+    /// at `loc` (codec flag, then raw or zstd data; see `docs/formats.md`):
+    /// read and tag-checked on a blocking thread, not decompressed and so not
+    /// checked against its id (a restore client decodes it; the tag already
+    /// binds it to the pack and the chunk id). Looks the chunk up again once,
+    /// like [`Self::get_at`], if GC moved it.
+    pub async fn get_payload_at(
+        &self,
+        id: &ChunkId,
+        loc: ChunkLocation,
+    ) -> Result<Bytes, StoreError> {
+        let mut loc = loc;
+        let mut retried = false;
+        loop {
+            let shared = self.shared.clone();
+            let cid = *id;
+            match blocking(move || shared.read_payload(&cid, &loc)).await? {
+                Ok(payload) => return Ok(Bytes::from(payload)),
+                Err(e) if !retried => {
+                    retried = true;
+                    match self.catalog.chunk_location(id).await? {
+                        Some(now) if now == loc => return Err(e),
+                        Some(now) => loc = now,
+                        None => return Err(StoreError::NotFound(*id)),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Self::get_payload_at`] for several chunks, in order, on ONE blocking
+    /// thread; records lying back to back in one pack (as a backup writes
+    /// them) are read with one pread. A chunk that fails is tried again alone
+    /// through `get_payload_at` (GC may have moved it), so each result is
+    /// what `get_payload_at` would give.
+    pub async fn get_payloads_at(
+        &self,
+        chunks: Vec<(ChunkId, ChunkLocation)>,
+    ) -> Vec<Result<Bytes, StoreError>> {
+        let shared = self.shared.clone();
+        let list = chunks.clone();
+        let read = match blocking(move || shared.read_payloads(&list)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return chunks
+                    .iter()
+                    .map(|_| Err(StoreError::Internal(e.to_string())))
+                    .collect()
+            }
+        };
+        let mut out = Vec::with_capacity(chunks.len());
+        for ((id, loc), r) in chunks.iter().zip(read) {
+            out.push(match r {
+                Ok(payload) => Ok(Bytes::from(payload)),
+                Err(_) => self.get_payload_at(id, *loc).await,
+            });
+        }
+        out
     }
 
     /// Seals and writes a stream index durably (tmp, fsync, rename, fsync
@@ -776,6 +983,124 @@ impl Shared {
             )));
         }
         Ok(plain)
+    }
+
+    /// Blocking: reads the record of `id` at `loc` and checks its tag, but
+    /// leaves the payload encoded (codec flag, then the data).
+    fn read_payload(&self, id: &ChunkId, loc: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason,
+        };
+        let file = match self.handles.get(&self.layout, &loc.pack_id) {
+            Ok(f) => f,
+            Err(e) => return Err(pack_open_error(loc, e)),
+        };
+        if loc.len as usize > crypto::MAX_SEALED_CHUNK_LEN {
+            return Err(corrupt(format!(
+                "chunk {id}: the catalog gives its record {} bytes, more than any chunk",
+                loc.len
+            )));
+        }
+        let sealed = match files::read_exact_at(&file, loc.offset, loc.len as usize) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(corrupt("pack file is truncated".into()));
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    context: format!("reading pack {}", loc.pack_id),
+                    source: e,
+                })
+            }
+        };
+        self.open_payload(id, loc, &sealed)
+    }
+
+    /// Checks the tag of a sealed record and returns its payload.
+    fn open_payload(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let key = self.keys.master.pack_key(&loc.pack_id);
+        crypto::open(&key, &crypto::chunk_ad(&loc.pack_id, id), sealed).map_err(|e| {
+            StoreError::Corrupt {
+                pack: loc.pack_id,
+                offset: loc.offset,
+                reason: format!("chunk {id}: {e}"),
+            }
+        })
+    }
+
+    /// Blocking: [`Self::read_payload`] of each chunk, in order, reading
+    /// runs of records that lie back to back in one pack with one pread
+    /// (into a buffer the thread keeps). A run whose read fails is read
+    /// again record by record, so errors are those of `read_payload`.
+    fn read_payloads(
+        &self,
+        chunks: &[(ChunkId, ChunkLocation)],
+    ) -> Vec<Result<Vec<u8>, StoreError>> {
+        /// Longest span read at once, and so the most a blocking thread
+        /// keeps (blocking threads end when idle): four sealed 1 MiB chunks.
+        const MAX_SPAN: u64 = 5 << 20;
+        thread_local! {
+            static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut i = 0;
+        while i < chunks.len() {
+            let first = chunks[i].1;
+            let mut end = first.offset + u64::from(first.len);
+            let mut j = i + 1;
+            while let Some((_, next)) = chunks.get(j) {
+                let next_end = end + u64::from(next.len);
+                if next.pack_id != first.pack_id
+                    || next.offset != end
+                    || next_end - first.offset > MAX_SPAN
+                {
+                    break;
+                }
+                end = next_end;
+                j += 1;
+            }
+            let group = &chunks[i..j];
+            i = j;
+            let span_len = (end - first.offset) as usize;
+            if group.len() == 1 || span_len as u64 > MAX_SPAN {
+                out.extend(group.iter().map(|(id, loc)| self.read_payload(id, loc)));
+                continue;
+            }
+            let done = SPAN.with(|span| {
+                let mut span = span.borrow_mut();
+                if span.len() < span_len {
+                    span.resize(span_len, 0);
+                }
+                let file = self.handles.get(&self.layout, &first.pack_id).ok()?;
+                std::os::unix::fs::FileExt::read_exact_at(
+                    &*file,
+                    &mut span[..span_len],
+                    first.offset,
+                )
+                .ok()?;
+                Some(
+                    group
+                        .iter()
+                        .map(|(id, loc)| {
+                            let at = (loc.offset - first.offset) as usize;
+                            self.open_payload(id, loc, &span[at..at + loc.len as usize])
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            });
+            match done {
+                Some(results) => out.extend(results),
+                None => out.extend(group.iter().map(|(id, loc)| self.read_payload(id, loc))),
+            }
+        }
+        out
     }
 
     /// Blocking: reads and opens one index.

@@ -1,0 +1,723 @@
+//! Scale check of the gateway's chunk catalog (issue 4; results in
+//! docs/scale.md). Builds a catalog through the real `Catalog::open` and
+//! measures what the reference scale needs:
+//!
+//! * inserts/s of chunk rows in pack-sized transactions,
+//! * the chunk filter's build time at open,
+//! * batched dedup lookups/s (hits and misses apart), warm and after the
+//!   catalog file's page cache was dropped (`posix_fadvise(DONTNEED)` after
+//!   `sync`, through python: no unsafe code here),
+//! * `list_points` of one VM,
+//! * GC: the mark over real sealed indexes (read, decrypt, insert into the
+//!   mark filter, 4 at once, files evicted first) and the plan's per-pack
+//!   catalog reads, each per unit so it extrapolates linearly,
+//! * peak RSS (VmHWM).
+//!
+//! ```text
+//! cargo run --release -p tierback-gateway --example scale -- --entries 20000000
+//! ```
+//!
+//! Flags (defaults in brackets): --entries N [1000000], --dir D
+//! [/tmp/tierback-scale], --reuse (keep and reuse an existing catalog of D),
+//! --pack-chunks [64], --fill-packs [64] (packs per bulk transaction),
+//! --measure-packs [2000] (last packs inserted one per transaction),
+//! --vms [800], --points [30], --lookups [200000],
+//! --gc-indexes [48], --index-entries [51200], --ref-entries [80000000],
+//! --ref-indexes [24000].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{stream, StreamExt};
+use rand::{Rng, SeedableRng};
+use tierback_format::crypto::MasterKey;
+use tierback_format::ids::{ChunkId, PackId, PointId};
+use tierback_format::index::DiskIndex;
+use tierback_format::pack::TocEntry;
+use tierback_gateway::catalog::{BlockedBloom, Catalog, ChunkRange, NewPack, NewPoint, NewStream};
+use tierback_gateway::chunk_store::{ChunkStore, Keys, StoreConfig};
+
+struct Args {
+    entries: u64,
+    dir: PathBuf,
+    reuse: bool,
+    pack_chunks: u64,
+    vms: u64,
+    points: u64,
+    lookups: usize,
+    gc_indexes: u64,
+    index_entries: u64,
+    fill_packs: u64,
+    measure_packs: u64,
+    ref_entries: u64,
+    ref_indexes: u64,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        entries: 1_000_000,
+        dir: PathBuf::from("/tmp/tierback-scale"),
+        reuse: false,
+        pack_chunks: 64,
+        vms: 800,
+        points: 30,
+        lookups: 200_000,
+        gc_indexes: 48,
+        index_entries: 51_200,
+        fill_packs: 64,
+        measure_packs: 2000,
+        ref_entries: 80_000_000,
+        ref_indexes: 24_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--reuse" {
+            a.reuse = true;
+            continue;
+        }
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        let n = || -> Result<u64> {
+            v.replace('_', "")
+                .parse()
+                .with_context(|| format!("{flag} {v}: not a number"))
+        };
+        match flag.as_str() {
+            "--entries" => a.entries = n()?,
+            "--dir" => a.dir = PathBuf::from(&v),
+            "--pack-chunks" => a.pack_chunks = n()?.max(1),
+            "--vms" => a.vms = n()?.max(1),
+            "--points" => a.points = n()?.max(1),
+            "--lookups" => a.lookups = usize::try_from(n()?)?.max(1024),
+            "--gc-indexes" => a.gc_indexes = n()?,
+            "--index-entries" => a.index_entries = n()?.max(1),
+            "--fill-packs" => a.fill_packs = n()?.max(1),
+            "--measure-packs" => a.measure_packs = n()?,
+            "--ref-entries" => a.ref_entries = n()?,
+            "--ref-indexes" => a.ref_indexes = n()?,
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    Ok(a)
+}
+
+/// The i-th catalogued chunk id (misses use i >= 2^62).
+fn id(i: u64) -> ChunkId {
+    ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes())
+}
+
+fn pack_id(p: u64) -> PackId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&p.to_le_bytes());
+    b[8..].copy_from_slice(b"scalepck");
+    PackId(b)
+}
+
+fn status(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// `sync`, then drops the page cache of `files` and reports how much of
+/// them stayed resident (fincore), so the reader can trust "cold".
+fn evict(files: &[PathBuf]) -> Result<()> {
+    let paths: Vec<&Path> = files
+        .iter()
+        .map(PathBuf::as_path)
+        .filter(|p| p.exists())
+        .collect();
+    let st = Command::new("sync").status().context("running sync")?;
+    if !st.success() {
+        bail!("sync failed");
+    }
+    let script = "import os,sys\nfor p in sys.argv[1:]:\n    fd=os.open(p,os.O_RDONLY)\n    os.fsync(fd)\n    os.posix_fadvise(fd,0,0,os.POSIX_FADV_DONTNEED)\n    os.close(fd)\n";
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(&paths)
+        .status()
+        .context("running python3 for posix_fadvise")?;
+    if !st.success() {
+        bail!("posix_fadvise failed");
+    }
+    Ok(())
+}
+
+fn resident(file: &Path) -> String {
+    Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(file)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+struct Table(Vec<(String, String)>);
+
+impl Table {
+    fn row(&mut self, what: impl Into<String>, value: impl Into<String>) {
+        let (w, v) = (what.into(), value.into());
+        println!("  {w:<58} {v}");
+        self.0.push((w, v));
+    }
+}
+
+/// `ids` looked up in requests of `batch`, one request at a time (an agent
+/// session), each split `par` ways by `lookup_chunks_with`. Returns ids/s
+/// and how many were found.
+async fn lookups(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
+    let t = Instant::now();
+    let mut found = 0;
+    for req in ids.chunks(batch) {
+        found += c
+            .lookup_chunks_with(req, par)
+            .await?
+            .iter()
+            .filter(|l| l.is_some())
+            .count();
+    }
+    Ok((ids.len() as f64 / t.elapsed().as_secs_f64(), found))
+}
+
+/// Same, with `clients` sessions asking at once.
+async fn lookups_concurrent(
+    c: &Catalog,
+    ids: &[ChunkId],
+    batch: usize,
+    clients: usize,
+) -> Result<f64> {
+    let t = Instant::now();
+    let per = ids.len().div_ceil(clients);
+    let parts: Vec<Vec<ChunkId>> = ids.chunks(per).map(<[ChunkId]>::to_vec).collect();
+    let results: Vec<Result<(f64, usize)>> = stream::iter(parts)
+        .map(|p| {
+            let c = c.clone();
+            async move { lookups(&c, &p, batch, 1).await }
+        })
+        .buffer_unordered(clients)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = parse()?;
+    let mut t = Table(Vec::new());
+    let db = a.dir.join("catalog.db");
+    let db_files = vec![
+        db.clone(),
+        a.dir.join("catalog.db-wal"),
+        a.dir.join("catalog.db-shm"),
+    ];
+    if !a.reuse && a.dir.exists() {
+        std::fs::remove_dir_all(&a.dir).context("clearing the bench dir")?;
+    }
+    std::fs::create_dir_all(&a.dir)?;
+    println!(
+        "scale check: {} entries in {} ({} cores)",
+        a.entries,
+        a.dir.display(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    // 1. Fill. The bulk goes in `--fill-packs` packs per transaction
+    // (insert_packs_with_chunks); the last `--measure-packs` packs go in one
+    // transaction each (insert_pack_with_chunks, what sealing a pack does),
+    // measured on the full-size table.
+    let c = Catalog::open(&db).await?;
+    let (_, _, have) = c.store_totals().await?;
+    let packs_total = a.entries.div_ceil(a.pack_chunks);
+    let measured_from = packs_total.saturating_sub(a.measure_packs);
+    let toc_of = |p: u64| -> Vec<TocEntry> {
+        let lo = p * a.pack_chunks;
+        let hi = (lo + a.pack_chunks).min(a.entries);
+        (lo..hi)
+            .enumerate()
+            .map(|(k, i)| TocEntry {
+                chunk_id: id(i),
+                offset: 32 + k as u64 * 700_000,
+                len: 700_000,
+                raw_len: 1 << 20,
+            })
+            .collect()
+    };
+    let new_pack = |p: u64| NewPack {
+        id: pack_id(p),
+        size: a.pack_chunks * 1_000_000,
+        created_at: 1_700_000_000 + p as i64,
+    };
+    if have < a.entries {
+        let first_pack = have / a.pack_chunks;
+        let t0 = Instant::now();
+        let mut last = Instant::now();
+        let mut p = first_pack;
+        while p < measured_from {
+            let group: Vec<(NewPack, Vec<TocEntry>)> = (p..(p + a.fill_packs).min(measured_from))
+                .map(|q| (new_pack(q), toc_of(q)))
+                .collect();
+            let refs: Vec<(NewPack, &[TocEntry])> =
+                group.iter().map(|(n, t)| (*n, t.as_slice())).collect();
+            c.insert_packs_with_chunks(&refs).await?;
+            p += group.len() as u64;
+            if last.elapsed() > Duration::from_secs(30) {
+                last = Instant::now();
+                eprintln!(
+                    "  … {} rows, {:.0} inserts/s, RSS {:.0} MiB",
+                    p * a.pack_chunks,
+                    ((p - first_pack) * a.pack_chunks) as f64 / t0.elapsed().as_secs_f64(),
+                    mib(status("VmRSS:"))
+                );
+            }
+        }
+        if p > first_pack {
+            t.row(
+                format!(
+                    "bulk inserts ({} packs x {} rows per transaction)",
+                    a.fill_packs, a.pack_chunks
+                ),
+                format!(
+                    "{:.0} /s",
+                    ((p - first_pack) * a.pack_chunks) as f64 / t0.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        let t0 = Instant::now();
+        let mut rows = 0;
+        for q in p.max(measured_from)..packs_total {
+            let toc = toc_of(q);
+            rows += toc.len();
+            c.insert_pack_with_chunks(&new_pack(q), &toc).await?;
+        }
+        let took = t0.elapsed().as_secs_f64();
+        let n = packs_total - p.max(measured_from);
+        t.row(
+            format!(
+                "inserts, one transaction per pack of {} ({n} packs at {} rows)",
+                a.pack_chunks, a.entries
+            ),
+            format!(
+                "{:.0} /s ({:.2} ms per pack transaction)",
+                rows as f64 / took,
+                took * 1000.0 / n.max(1) as f64
+            ),
+        );
+    } else {
+        t.row("inserts", format!("reused catalog of {have} rows"));
+    }
+
+    // 2. Points: VMs × points, one disk stream each.
+    let points: i64 = sqlx_count(&c).await?;
+    if points < (a.vms * a.points) as i64 {
+        let t0 = Instant::now();
+        for p in 0..a.points {
+            for vm in 0..a.vms {
+                let n = p * a.vms + vm;
+                let mut pid = [0u8; 16];
+                pid[..8].copy_from_slice(&n.to_le_bytes());
+                c.commit_point(&NewPoint {
+                    id: PointId(pid),
+                    vm_id: format!("vm-{vm:04}"),
+                    vm_name: format!("VM {vm}"),
+                    created_at: 1_700_000_000 + (p * 86_400 + vm) as i64,
+                    kind: if p == 0 { "full" } else { "incremental" }.into(),
+                    agent_id: format!("agent-{}", vm / 20),
+                    job_id: None,
+                    logical_bytes: 50 << 30,
+                    stored_bytes: 1 << 30,
+                    bytes_read: 1 << 30,
+                    bytes_sent: 1 << 30,
+                    streams: vec![NewStream {
+                        stream_no: 0,
+                        kind: "disk".into(),
+                        path: "Virtual Hard Disks/os.vhdx".into(),
+                        controller: Some("scsi".into()),
+                        location: Some("0:0".into()),
+                        size: 50 << 30,
+                        chunk_size: 1 << 20,
+                        logical_sector: 512,
+                        physical_sector: 4096,
+                        chunk_count: a.index_entries,
+                    }],
+                })
+                .await?;
+            }
+        }
+        t.row(
+            format!("commit_point ({} VMs x {} points)", a.vms, a.points),
+            format!(
+                "{:.0} /s",
+                (a.vms * a.points) as f64 / t0.elapsed().as_secs_f64()
+            ),
+        );
+    }
+    let t0 = Instant::now();
+    let mut listed = 0;
+    let samples = 50u64;
+    for k in 0..samples {
+        listed += c
+            .list_points(Some(&format!("vm-{:04}", (k * 37) % a.vms)))
+            .await?
+            .len();
+    }
+    t.row(
+        format!(
+            "list_points(one VM) ({} points each)",
+            listed as u64 / samples
+        ),
+        format!(
+            "{:.2} ms",
+            t0.elapsed().as_secs_f64() * 1000.0 / samples as f64
+        ),
+    );
+    let t0 = Instant::now();
+    let all = c.list_points(None).await?.len();
+    t.row(
+        format!("list_points(all) ({all} points)"),
+        format!("{:.0} ms", t0.elapsed().as_secs_f64() * 1000.0),
+    );
+
+    // 3. Reopen: the filter is built from the table (file size decides
+    // inline or background; wait for it either way).
+    c.close().await;
+    let db_size = std::fs::metadata(&db)?.len();
+    t.row(
+        "catalog file",
+        format!(
+            "{:.0} MiB ({:.0} bytes/chunk)",
+            mib(db_size),
+            db_size as f64 / a.entries.max(1) as f64
+        ),
+    );
+    let rss_before = status("VmRSS:");
+    let t0 = Instant::now();
+    let c = Catalog::open(&db).await?;
+    let opened = t0.elapsed();
+    if !c.wait_chunk_filter(Duration::from_secs(3600)).await {
+        bail!("chunk filter not built: {:?}", c.chunk_filter_status());
+    }
+    let s = c.chunk_filter_status();
+    t.row(
+        "Catalog::open returned after",
+        format!("{:.2} s", opened.as_secs_f64()),
+    );
+    t.row(
+        format!("chunk filter build ({} rows streamed)", s.last_build_rows),
+        format!(
+            "{:.1} s ({:.0} rows/s)",
+            s.last_build.map_or(0.0, |d| d.as_secs_f64()),
+            s.last_build_rows as f64 / s.last_build.map_or(1.0, |d| d.as_secs_f64().max(1e-9))
+        ),
+    );
+    t.row(
+        "chunk filter memory",
+        format!(
+            "{:.1} MiB for capacity {} ({:.1} bits/row), RSS +{:.0} MiB",
+            mib(s.bytes),
+            s.capacity,
+            s.bytes as f64 * 8.0 / a.entries.max(1) as f64,
+            mib(status("VmRSS:").saturating_sub(rss_before))
+        ),
+    );
+
+    // 4. Lookups. Hits: random catalogued ids; misses: never inserted.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut sample = |n: usize, hit: bool| -> Vec<ChunkId> {
+        (0..n)
+            .map(|_| {
+                if hit {
+                    id(rng.gen_range(0..a.entries.max(1)))
+                } else {
+                    id((1 << 62) + rng.gen_range(0..u64::MAX >> 3))
+                }
+            })
+            .collect()
+    };
+    let n = a.lookups;
+    let misses = sample(n, false);
+    // Warm: the file is in the page cache after the filter build read it.
+    let hits = sample(n, true);
+    lookups(&c, &hits, 512, 4).await?; // warm-up pass
+    for (batch, par) in [(256, 1), (512, 1), (512, 4), (1024, 4), (1024, 8)] {
+        let (rate, found) = lookups(&c, &hits, batch, par).await?;
+        if found != hits.len() {
+            bail!("{found} of {} hits found", hits.len());
+        }
+        t.row(
+            format!("warm hits, {batch}/request, {par} statements at once"),
+            format!("{rate:.0} /s"),
+        );
+    }
+    for batch in [256, 1024] {
+        let (rate, found) = lookups(&c, &misses, batch, 4).await?;
+        if found != 0 {
+            bail!("{found} misses found");
+        }
+        t.row(
+            format!("warm misses, {batch}/request (filter)"),
+            format!("{rate:.0} /s"),
+        );
+    }
+    let rate = lookups_concurrent(&c, &hits, 512, 4).await?;
+    t.row(
+        "warm hits, 512/request, 4 sessions at once",
+        format!("{rate:.0} /s"),
+    );
+
+    // Cold: evict, then a fresh sample per run (so no run warms the next).
+    let cold_n = (n / 4).max(1024);
+    for (batch, par) in [(512, 1), (512, 4), (512, 8)] {
+        let ids = sample(cold_n, true);
+        evict(&db_files)?;
+        let res = resident(&db);
+        let (rate, found) = lookups(&c, &ids, batch, par).await?;
+        if found != ids.len() {
+            bail!("{found} of {} cold hits found", ids.len());
+        }
+        t.row(
+            format!("cold hits, {batch}/request, {par} at once (resident before: {res})"),
+            format!("{rate:.0} /s"),
+        );
+    }
+    {
+        let ids = sample(cold_n, true);
+        evict(&db_files)?;
+        let rate = lookups_concurrent(&c, &ids, 512, 4).await?;
+        t.row(
+            "cold hits, 512/request, 4 sessions at once",
+            format!("{rate:.0} /s"),
+        );
+    }
+    {
+        let ids = sample(cold_n, false);
+        evict(&db_files)?;
+        let (rate, _) = lookups(&c, &ids, 512, 4).await?;
+        t.row("cold misses, 512/request (filter)", format!("{rate:.0} /s"));
+    }
+    {
+        // 50/50, as an incremental's request looks after its first pass.
+        let mut ids = sample(cold_n / 2, true);
+        ids.extend(sample(cold_n / 2, false));
+        let mut r2 = rand::rngs::StdRng::seed_from_u64(7);
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r2.gen_range(0..=i));
+        }
+        evict(&db_files)?;
+        let (rate, _) = lookups(&c, &ids, 512, 4).await?;
+        t.row(
+            "cold 50% hits, 512/request, 4 at once",
+            format!("{rate:.0} /s"),
+        );
+    }
+
+    // 5. GC. Mark: real sealed indexes of `index_entries` catalogued ids,
+    // written by the store (its commit-time presence check included),
+    // evicted, then read + decrypted + inserted 4 at once like gc.rs.
+    if a.gc_indexes > 0 {
+        let keys = Keys::derive(&MasterKey::generate());
+        let store = ChunkStore::open(&a.dir, keys, c.clone(), StoreConfig::default()).await?;
+        let mut streams = Vec::new();
+        let t0 = Instant::now();
+        for k in 0..a.gc_indexes {
+            let mut pid = [0xeeu8; 16];
+            pid[..8].copy_from_slice(&k.to_le_bytes());
+            let point = PointId(pid);
+            let start = rng.gen_range(0..a.entries.saturating_sub(a.index_entries).max(1));
+            let index = DiskIndex {
+                size: a.index_entries << 20,
+                chunk_size: 1 << 20,
+                entries: (0..a.index_entries)
+                    .map(|e| (e, id((start + e * 7919) % a.entries.max(1))))
+                    .collect(),
+            };
+            store.write_index(&point, 0, &index).await?;
+            streams.push(point);
+        }
+        let written = (a.gc_indexes * a.index_entries) as f64;
+        t.row(
+            "write_index incl. commit presence check (ids/s)",
+            format!("{:.0} /s", written / t0.elapsed().as_secs_f64()),
+        );
+        let files: Vec<PathBuf> = streams.iter().map(|p| store.index_path(p, 0)).collect();
+        let index_bytes: u64 = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        evict(&files)?;
+        let mark = Arc::new(BlockedBloom::with_bytes(
+            (a.entries * 16 / 8).min(256 << 20),
+            a.entries,
+            1,
+        ));
+        let t0 = Instant::now();
+        let store = Arc::new(store);
+        let results: Vec<Result<usize>> = stream::iter(streams.clone())
+            .map(|p| {
+                let (store, mark) = (store.clone(), mark.clone());
+                async move {
+                    let idx = store.read_index(&p, 0).await?;
+                    let m = mark.clone();
+                    let n = tokio::task::spawn_blocking(move || {
+                        idx.entries.iter().for_each(|(_, id)| m.insert(id));
+                        idx.entries.len()
+                    })
+                    .await?;
+                    Ok(n)
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        let mut marked = 0;
+        for r in results {
+            marked += r?;
+        }
+        let mark_s = t0.elapsed().as_secs_f64();
+        let per_entry = mark_s / marked.max(1) as f64;
+        let ref_index_entries = a.ref_indexes as f64 * a.index_entries as f64;
+        t.row(
+            format!(
+                "GC mark ({} cold indexes, {marked} entries, {:.0} MiB)",
+                a.gc_indexes,
+                mib(index_bytes)
+            ),
+            format!(
+                "{mark_s:.2} s = {:.0} entries/s, {:.0} MiB/s",
+                marked as f64 / mark_s,
+                mib(index_bytes) / mark_s
+            ),
+        );
+        t.row(
+            format!(
+                "GC mark extrapolated ({} indexes x {} entries)",
+                a.ref_indexes, a.index_entries
+            ),
+            format!("{:.0} s", per_entry * ref_index_entries),
+        );
+        t.row(
+            "GC mark filter memory (16 bits/chunk, cap 256 MiB)",
+            format!(
+                "{:.0} MiB here, {:.0} MiB at {} chunks",
+                mib(mark.bytes()),
+                mib((a.ref_entries * 2).min(256 << 20)),
+                a.ref_entries
+            ),
+        );
+
+        // Plan: gc.rs reads the whole chunk table once in keyset pages
+        // (chunk_page) and probes the mark per row; timed cold, in full.
+        evict(&db_files)?;
+        let t0 = Instant::now();
+        let counts: Vec<Result<(u64, u64)>> = stream::iter(ChunkRange::split(4))
+            .map(|range| {
+                let (c, mark) = (c.clone(), mark.clone());
+                async move {
+                    let (mut rows, mut kept) = (0u64, 0u64);
+                    let mut after: Option<ChunkId> = None;
+                    loop {
+                        let page = c.chunk_page(range, after.as_ref(), 50_000).await?;
+                        rows += page.len() as u64;
+                        kept += page
+                            .iter()
+                            .filter(|(id, _, _)| mark.may_contain(id))
+                            .count() as u64;
+                        if page.len() < 50_000 {
+                            return Ok((rows, kept));
+                        }
+                        after = page.last().map(|(id, _, _)| *id);
+                    }
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        let (mut rows, mut kept) = (0u64, 0u64);
+        for r in counts {
+            let (a, b) = r?;
+            rows += a;
+            kept += b;
+        }
+        let plan_s = t0.elapsed().as_secs_f64();
+        let per_row = plan_s / rows.max(1) as f64;
+        let ref_packs = a.ref_entries.div_ceil(a.pack_chunks);
+        t.row(
+            format!("GC plan: cold pass over the chunk table, 4 ranges at once ({rows} rows, {kept} marked)"),
+            format!(
+                "{plan_s:.1} s = {:.0} rows/s -> {:.0} s at {} rows",
+                rows as f64 / plan_s,
+                per_row * a.ref_entries as f64,
+                a.ref_entries
+            ),
+        );
+        // Sweep: dropping packs (one transaction each) on a sample.
+        let drop_n = packs_total.min(200);
+        let t0 = Instant::now();
+        for k in 0..drop_n {
+            c.delete_pack(&pack_id(packs_total - 1 - k)).await?;
+        }
+        let per_drop = t0.elapsed().as_secs_f64() / drop_n.max(1) as f64;
+        t.row(
+            format!("GC sweep, delete_pack ({drop_n} packs)"),
+            format!(
+                "{:.2} ms/pack -> {:.0} s if 1/30 of {ref_packs} packs die per run",
+                per_drop * 1000.0,
+                per_drop * ref_packs as f64 / 30.0
+            ),
+        );
+        t.row(
+            "GC mark+plan+sweep extrapolated to the reference store",
+            format!(
+                "{:.0} s",
+                per_entry * ref_index_entries
+                    + per_row * a.ref_entries as f64
+                    + per_drop * ref_packs as f64 / 30.0
+            ),
+        );
+        // Re-inserting the dropped packs keeps --reuse runs comparable.
+        for k in 0..drop_n {
+            let q = packs_total - 1 - k;
+            c.insert_pack_with_chunks(&new_pack(q), &toc_of(q)).await?;
+        }
+        for p in &streams {
+            let _ = std::fs::remove_dir_all(store.index_path(p, 0).parent().unwrap_or(&a.dir));
+        }
+    }
+
+    t.row(
+        "peak RSS (VmHWM)",
+        format!("{:.0} MiB", mib(status("VmHWM:"))),
+    );
+    c.close().await;
+    println!("\n| measurement | value |\n|---|---|");
+    let mut seen = HashMap::new();
+    for (w, v) in &t.0 {
+        if seen.insert(w.clone(), ()).is_none() {
+            println!("| {w} | {v} |");
+        }
+    }
+    Ok(())
+}
+
+async fn sqlx_count(c: &Catalog) -> Result<i64> {
+    Ok(c.all_point_ids().await?.len() as i64)
+}
