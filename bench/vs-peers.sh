@@ -19,7 +19,8 @@
 # VmHWM plus /proc/<pid>/stat CPU for the gateway.
 #
 # TIERBACK_BENCH_DIR keeps the disks between runs (they take a few minutes to
-# build); TIERBACK_BENCH_SKIP_PEERS=1 measures Tierback only.
+# build); TIERBACK_BENCH_SKIP_PEERS=1 measures Tierback only;
+# TIERBACK_BENCH_ZSTD_LEVEL=N sets the gateway's zstd level (default: its own).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -125,6 +126,9 @@ echo '{"id":"b0000000-0000-0000-0000-000000000001","name":"bench01","generation"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 INIT="$("$GW" init --data-dir "$WORK/gw" --listen "127.0.0.1:$PORT" --json)"
 FP="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["fingerprint"])' "$INIT")"
+if [ -n "${TIERBACK_BENCH_ZSTD_LEVEL:-}" ]; then
+  sed -i "s/^zstd_level = .*/zstd_level = $TIERBACK_BENCH_ZSTD_LEVEL/" "$WORK/gw/gateway.toml"
+fi
 GW_PID=
 start_gw() {
   rm -f "$WORK/gw/serve.addr"

@@ -34,7 +34,7 @@ use crate::changes::{
     self, guid_text, ChangeSource, DiskPlan, DiskRecord, Method, PlanInput, Prev, TrackingStore,
     VmRecord, ZERO_HASH,
 };
-use crate::client::{is_conflict, GatewayClient};
+use crate::client::{chunk_record_parts, is_conflict, GatewayClient};
 use crate::disk::{self, VirtualDisk};
 use crate::host::HostVm;
 
@@ -696,7 +696,11 @@ impl Uploader {
         }
     }
 
-    async fn send(&mut self, body: Vec<u8>, rep: &mut BackupReport) -> anyhow::Result<()> {
+    async fn send(
+        &mut self,
+        body: Vec<bytes::Bytes>,
+        rep: &mut BackupReport,
+    ) -> anyhow::Result<()> {
         while self.set.len() >= UPLOADS_IN_FLIGHT {
             self.join_one(rep).await?;
         }
@@ -736,17 +740,20 @@ async fn offer(
     let asked = chunks.len();
     let mut chunks: Vec<Option<(u64, ChunkHash, Vec<u8>)>> = chunks.into_iter().map(Some).collect();
     let mut body = Vec::new();
+    let mut body_len = 0usize;
     for &m in &missing {
         let (_, h, data) = chunks
             .get_mut(m as usize)
             .and_then(Option::take)
             .context("the gateway named a chunk that was not asked about (or twice)")?;
-        if !body.is_empty() && body.len() + data.len() > up.body_limit {
+        if !body.is_empty() && body_len + data.len() > up.body_limit {
             up.send(std::mem::take(&mut body), rep).await?;
+            body_len = 0;
         }
-        put_chunk_record(&mut body, &h, &data);
+        body_len += data.len() + 36;
         rep.bytes_sent += data.len() as u64;
         rep.sent_chunks += 1;
+        chunk_record_parts(&mut body, &h, data);
     }
     drop(chunks);
     if !body.is_empty() {

@@ -13,6 +13,24 @@ use tierback_format::wire::*;
 /// Attempts per request for transient failures (connection errors, 5xx but 507).
 const ATTEMPTS: u32 = 4;
 
+/// A request body: one buffer, or parts sent one after the other (shared, so
+/// a retry resends them without copying).
+#[derive(Clone)]
+enum Payload {
+    One(bytes::Bytes),
+    Parts(std::sync::Arc<[bytes::Bytes]>),
+}
+
+/// Appends one chunk record (as `put_chunk_record` lays it out) to `parts`
+/// without copying `data`.
+pub fn chunk_record_parts(parts: &mut Vec<bytes::Bytes>, hash: &ChunkHash, data: Vec<u8>) {
+    let mut head = Vec::with_capacity(36);
+    head.extend_from_slice(&hash.0);
+    head.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    parts.push(head.into());
+    parts.push(data.into());
+}
+
 /// A connection to the gateway (cheap to clone: clones share the pool).
 #[derive(Clone)]
 pub struct GatewayClient {
@@ -77,14 +95,27 @@ impl GatewayClient {
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<(&'static str, bytes::Bytes)>,
+        body: Option<(&'static str, Payload)>,
     ) -> Result<bytes::Bytes, ClientError> {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(c) = &self.credential {
             req = req.bearer_auth(c);
         }
         if let Some((ct, b)) = body {
-            req = req.header(reqwest::header::CONTENT_TYPE, ct).body(b);
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+            req = match b {
+                Payload::One(b) => req.body(b),
+                // Sent part by part (no copy into one buffer); the length is
+                // known, so no chunked encoding.
+                Payload::Parts(parts) => {
+                    let len: usize = parts.iter().map(|p| p.len()).sum();
+                    let stream = futures_util::stream::iter(
+                        (0..parts.len()).map(move |i| Ok::<_, std::io::Error>(parts[i].clone())),
+                    );
+                    req.header(reqwest::header::CONTENT_LENGTH, len)
+                        .body(reqwest::Body::wrap_stream(stream))
+                }
+            };
         }
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
@@ -122,7 +153,7 @@ impl GatewayClient {
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<(&'static str, bytes::Bytes)>,
+        body: Option<(&'static str, Payload)>,
     ) -> Result<bytes::Bytes, ClientError> {
         let mut attempt = 0;
         loop {
@@ -147,7 +178,7 @@ impl GatewayClient {
             .call(
                 reqwest::Method::POST,
                 path,
-                Some(("application/json", b.into())),
+                Some(("application/json", Payload::One(b.into()))),
             )
             .await?;
         serde_json::from_slice(&out)
@@ -227,12 +258,17 @@ impl GatewayClient {
         Ok(r.missing)
     }
 
-    pub async fn chunks(&self, session: &str, body: Vec<u8>) -> anyhow::Result<ChunksResponse> {
+    /// Uploads chunk records given as parts (see [`chunk_record_parts`]).
+    pub async fn chunks(
+        &self,
+        session: &str,
+        body: Vec<bytes::Bytes>,
+    ) -> anyhow::Result<ChunksResponse> {
         let out = self
             .call(
                 reqwest::Method::POST,
                 &format!("/v1/agent/backups/{session}/chunks"),
-                Some(("application/octet-stream", body.into())),
+                Some(("application/octet-stream", Payload::Parts(body.into()))),
             )
             .await?;
         Ok(serde_json::from_slice(&out)?)
@@ -248,7 +284,10 @@ impl GatewayClient {
             self.call(
                 reqwest::Method::POST,
                 &format!("/v1/agent/backups/{session}/streams/{stream}/index"),
-                Some(("application/octet-stream", encode_stream_index(part).into())),
+                Some((
+                    "application/octet-stream",
+                    Payload::One(encode_stream_index(part).into()),
+                )),
             )
             .await?;
         }

@@ -366,13 +366,15 @@ async fn repair(
             .await
             .context("the disk reader thread failed")??;
         let missing = client.lack(sid, data.iter().map(|d| d.0).collect()).await?;
+        let mut data: Vec<Option<(ChunkHash, Vec<u8>)>> = data.into_iter().map(Some).collect();
         let mut body = Vec::new();
         for m in missing {
             let (h, d) = data
-                .get(m as usize)
-                .context("the gateway named a chunk that was not asked about")?;
-            put_chunk_record(&mut body, h, d);
+                .get_mut(m as usize)
+                .and_then(Option::take)
+                .context("the gateway named a chunk that was not asked about (or twice)")?;
             sent += d.len() as u64;
+            crate::client::chunk_record_parts(&mut body, &h, d);
         }
         if !body.is_empty() {
             client.chunks(sid, body).await?;
