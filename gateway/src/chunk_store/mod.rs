@@ -769,26 +769,7 @@ impl ChunkStore {
     /// tag check, decompression and id check run on a blocking thread, so
     /// callers get parallelism by awaiting several of these at once.
     pub async fn get_at(&self, id: &ChunkId, loc: ChunkLocation) -> Result<Bytes, StoreError> {
-        let mut loc = loc;
-        let mut retried = false;
-        loop {
-            let shared = self.shared.clone();
-            let cid = *id;
-            match blocking(move || shared.read_chunk(&cid, &loc)).await? {
-                Ok(plain) => return Ok(Bytes::from(plain)),
-                // GC may have moved the chunk and deleted the pack between
-                // the lookup and the read: look again once.
-                Err(e) if !retried => {
-                    retried = true;
-                    match self.catalog.chunk_location(id).await? {
-                        Some(now) if now == loc => return Err(e),
-                        Some(now) => loc = now,
-                        None => return Err(StoreError::NotFound(*id)),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.read_at_with_retry(id, loc, Shared::read_chunk).await
     }
 
     /// The opened but still-encoded payload of a chunk [`Self::locate`] found
@@ -802,13 +783,24 @@ impl ChunkStore {
         id: &ChunkId,
         loc: ChunkLocation,
     ) -> Result<Bytes, StoreError> {
-        let mut loc = loc;
+        self.read_at_with_retry(id, loc, Shared::read_payload).await
+    }
+
+    /// Runs `read` for the chunk at `loc` on a blocking thread; if it fails,
+    /// GC may have moved the chunk and deleted the pack between the lookup
+    /// and the read, so the chunk is looked up again once.
+    async fn read_at_with_retry(
+        &self,
+        id: &ChunkId,
+        mut loc: ChunkLocation,
+        read: fn(&Shared, &ChunkId, &ChunkLocation) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<Bytes, StoreError> {
         let mut retried = false;
         loop {
             let shared = self.shared.clone();
             let cid = *id;
-            match blocking(move || shared.read_payload(&cid, &loc)).await? {
-                Ok(payload) => return Ok(Bytes::from(payload)),
+            match blocking(move || read(&shared, &cid, &loc)).await? {
+                Ok(bytes) => return Ok(Bytes::from(bytes)),
                 Err(e) if !retried => {
                     retried = true;
                     match self.catalog.chunk_location(id).await? {
