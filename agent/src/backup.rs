@@ -558,7 +558,7 @@ async fn run_session(
         total_read += touched;
         plans.push(plan);
     }
-    let bar = progress_bar(opts.progress, total_read);
+    let bar = progress_bar(opts.progress, total_read, "backup");
     // Memory: one batch being read, one queued, one being offered, plus the
     // upload bodies in flight (see `Uploader`).
     let lack_batch = opts
@@ -926,16 +926,22 @@ fn read_all(
     Ok(())
 }
 
-fn progress_bar(enabled: bool, total: u64) -> Option<indicatif::ProgressBar> {
+/// A byte progress bar labelled `what`, only when enabled and stderr is a
+/// terminal.
+pub(crate) fn progress_bar(
+    enabled: bool,
+    total: u64,
+    what: &str,
+) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if !enabled || !std::io::stderr().is_terminal() {
         return None;
     }
     let b = indicatif::ProgressBar::new(total);
     b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "backup {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(b)

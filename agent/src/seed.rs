@@ -241,7 +241,7 @@ impl Job {
             .zip(sources)
             .map(|(p, s)| p.iter().map(|n| cs.min(s.size() - n * cs)).sum::<u64>())
             .sum();
-        let bar = progress_bar(self.progress, total);
+        let bar = crate::backup::progress_bar(self.progress, total, "export");
         let mut w = Writer::new(self)?;
         let mut rep = ExportReport::default();
         let mut seen: HashSet<ChunkHash> = HashSet::new();
@@ -403,21 +403,6 @@ fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
             .with_context(|| format!("flushing {}", d.display()))?;
     }
     Ok(())
-}
-
-fn progress_bar(enabled: bool, total: u64) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if !enabled || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "export {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    Some(b)
 }
 
 #[cfg(test)]
