@@ -34,7 +34,7 @@ echo "bench dir: $WORK" >&2
 RES="$WORK/results.jsonl"
 : > "$RES"
 
-if [ ! -f "$WORK/day2.vhdx" ]; then
+if [ ! -f "$WORK/day2.vhdx" ] || [ ! -f "$WORK/day2.ranges.json" ]; then
   echo "building the day-1 and day-2 disks (a few minutes)…" >&2
   python3 bench/make-disks.py "$WORK"
 fi
