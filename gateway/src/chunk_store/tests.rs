@@ -599,6 +599,17 @@ async fn disk_full_while_sealing_loses_nothing() {
     assert_eq!(pack_files(f.dir.path()).len(), 2);
 }
 
+/// Makes the store's next durable write fail with ENOSPC and checks that
+/// putting `chunk` is refused as "disk full".
+async fn put_fails_disk_full(store: &ChunkStore, chunk: &Bytes) {
+    store.shared.faults.enospc_writes.store(1, Ordering::SeqCst);
+    let e = store
+        .put(ChunkHash::of(chunk), chunk.clone())
+        .await
+        .expect_err("disk full");
+    assert!(e.is_disk_full(), "{e}");
+}
+
 #[tokio::test]
 async fn disk_full_mid_record_is_cut_back_and_the_pack_stays_valid() {
     let f = fixture(StoreConfig::default()).await;
@@ -606,17 +617,7 @@ async fn disk_full_mid_record_is_cut_back_and_the_pack_stays_valid() {
     for c in &chunks[..2] {
         put_ok(&f.store, c).await;
     }
-    f.store
-        .shared
-        .faults
-        .enospc_writes
-        .store(1, Ordering::SeqCst);
-    let e = f
-        .store
-        .put(ChunkHash::of(&chunks[2]), chunks[2].clone())
-        .await
-        .expect_err("disk full");
-    assert!(e.is_disk_full(), "{e}");
+    put_fails_disk_full(&f.store, &chunks[2]).await;
     let hash = ChunkHash::of(&chunks[2]);
     assert_eq!(f.store.lacking(&[hash]).await.expect("lacking"), vec![true]);
     put_ok(&f.store, &chunks[2]).await;
@@ -636,17 +637,7 @@ async fn disk_full_at_rotation_fails_the_put_that_needs_space() {
     for c in &chunks[..4] {
         put_ok(&f.store, c).await; // 4 × 60 KB ≥ 200 KiB target: next put rotates
     }
-    f.store
-        .shared
-        .faults
-        .enospc_writes
-        .store(1, Ordering::SeqCst);
-    let e = f
-        .store
-        .put(ChunkHash::of(&chunks[4]), chunks[4].clone())
-        .await
-        .expect_err("disk full");
-    assert!(e.is_disk_full(), "{e}");
+    put_fails_disk_full(&f.store, &chunks[4]).await;
     assert_eq!(
         f.store
             .lacking(&[ChunkHash::of(&chunks[4])])
