@@ -561,10 +561,7 @@ async fn run_session(
     let bar = progress_bar(opts.progress, total_read, "backup");
     // Memory: one batch being read, one queued, one being offered, plus the
     // upload bodies in flight (see `Uploader`).
-    let lack_batch = opts
-        .lack_batch
-        .clamp(1, MAX_LACK_BATCH)
-        .min((BATCH_BYTES / cs).max(1) as usize);
+    let lack_batch = lack_batch(opts, cs);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(1);
     let reader = {
         let sources = sources.clone();
@@ -671,6 +668,14 @@ async fn run_session(
 
 /// Bytes of chunk data read ahead per "which do you lack?" batch.
 const BATCH_BYTES: u64 = 16 << 20;
+
+/// Chunks per "which do you lack?" batch: the configured count, at most
+/// [`BATCH_BYTES`] of chunk data.
+fn lack_batch(opts: &BackupOptions, chunk_size: u64) -> usize {
+    opts.lack_batch
+        .clamp(1, MAX_LACK_BATCH)
+        .min((BATCH_BYTES / chunk_size.max(1)).max(1) as usize)
+}
 /// Bytes of chunk records per upload request, at most.
 const MAX_UPLOAD_BODY: usize = 4 << 20;
 /// Upload requests in flight at once.
@@ -773,10 +778,7 @@ async fn reoffer(
     opts: &BackupOptions,
     rep: &mut BackupReport,
 ) -> anyhow::Result<()> {
-    let lack_batch = opts
-        .lack_batch
-        .clamp(1, MAX_LACK_BATCH)
-        .min((BATCH_BYTES / cs.max(1)).max(1) as usize);
+    let lack_batch = lack_batch(opts, cs);
     for (stream, entries) in indexes.iter().enumerate() {
         let named: Vec<(u64, ChunkHash)> = entries
             .iter()
