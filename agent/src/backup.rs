@@ -563,6 +563,8 @@ async fn run_session(
     // upload bodies in flight (see `Uploader`).
     let lack_batch = lack_batch(opts, cs);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(1);
+    // What each place held in the previous point: base hints for uploads.
+    let prevs: Vec<Option<Arc<Vec<ChunkHash>>>> = plans.iter().map(|p| p.prev.clone()).collect();
     let reader = {
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || read_all(&sources, &plans, cs, lack_batch, &tx))
@@ -599,7 +601,8 @@ async fn run_session(
             }
             rep.chunks += batch.chunks.len() as u64;
             idx.extend(batch.chunks.iter().map(|(n, h, _)| (*n, *h)));
-            offer(&mut up, batch.chunks, &mut rep).await?;
+            let prev = prevs.get(stream).and_then(|p| p.as_deref());
+            offer(&mut up, batch.chunks, prev.map(Vec::as_slice), &mut rep).await?;
         }
         up.finish(&mut rep).await
     }
@@ -734,10 +737,13 @@ impl Uploader {
 }
 
 /// Asks the gateway which of `chunks` it lacks and queues those for upload;
-/// the buffers of the others are freed at once.
+/// the buffers of the others are freed at once. `prev`: the stream's hashes
+/// in the previous point, by chunk number; an upload names the one its place
+/// held as a base hint (the gateway may store a delta against it).
 async fn offer(
     up: &mut Uploader,
     chunks: Vec<(u64, ChunkHash, Vec<u8>)>,
+    prev: Option<&[ChunkHash]>,
     rep: &mut BackupReport,
 ) -> anyhow::Result<()> {
     let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.1).collect();
@@ -747,7 +753,7 @@ async fn offer(
     let mut body = Vec::new();
     let mut body_len = 0usize;
     for &m in &missing {
-        let (_, h, data) = chunks
+        let (n, h, data) = chunks
             .get_mut(m as usize)
             .and_then(Option::take)
             .context("the gateway named a chunk that was not asked about (or twice)")?;
@@ -758,7 +764,11 @@ async fn offer(
         body_len += data.len() + 36;
         rep.bytes_sent += data.len() as u64;
         rep.sent_chunks += 1;
-        chunk_record_parts(&mut body, &h, data);
+        let base = prev
+            .and_then(|p| p.get(usize::try_from(n).ok()?))
+            .filter(|b| **b != DELTA_ZERO_HASH && **b != h);
+        body_len += base.map_or(0, |_| 32);
+        chunk_record_parts(&mut body, &h, base, data);
     }
     drop(chunks);
     if !body.is_empty() {
@@ -806,7 +816,7 @@ async fn reoffer(
             .await
             .context("the disk reader thread failed")??;
             rep.bytes_read += chunks.iter().map(|c| c.2.len() as u64).sum::<u64>();
-            offer(up, chunks, rep).await?;
+            offer(up, chunks, None, rep).await?;
         }
     }
     up.finish(rep).await

@@ -21,12 +21,16 @@ enum Payload {
     Parts(std::sync::Arc<[bytes::Bytes]>),
 }
 
-/// Appends one chunk record (as `put_chunk_record` lays it out) to `parts`
-/// without copying `data`.
-pub fn chunk_record_parts(parts: &mut Vec<bytes::Bytes>, hash: &ChunkHash, data: Vec<u8>) {
-    let mut head = Vec::with_capacity(36);
-    head.extend_from_slice(&hash.0);
-    head.extend_from_slice(&(data.len() as u32).to_le_bytes());
+/// Appends one chunk record (as `put_chunk_record_with_base` lays it out) to
+/// `parts` without copying `data`. `base`: the hash the same place held in
+/// the previous point, a hint the gateway may store a delta against.
+pub fn chunk_record_parts(
+    parts: &mut Vec<bytes::Bytes>,
+    hash: &ChunkHash,
+    base: Option<&ChunkHash>,
+    data: Vec<u8>,
+) {
+    let head = tierback_format::wire::chunk_record_head(hash, base, data.len());
     parts.push(head.into());
     parts.push(data.into());
 }

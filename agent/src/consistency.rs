@@ -374,7 +374,7 @@ async fn repair(
                 .and_then(Option::take)
                 .context("the gateway named a chunk that was not asked about (or twice)")?;
             sent += d.len() as u64;
-            crate::client::chunk_record_parts(&mut body, &h, d);
+            crate::client::chunk_record_parts(&mut body, &h, None, d);
         }
         if !body.is_empty() {
             client.chunks(sid, body).await?;

@@ -529,17 +529,58 @@ pub enum FrameError {
     UnknownKind(u8),
 }
 
+/// Bit of a chunk record's length word: the record carries a base hint (the
+/// plaintext hash of the chunk the same place held in the previous point)
+/// between the length and the data. The gateway may store the chunk as a
+/// delta against that base; the hint never changes what is stored.
+pub const CHUNK_RECORD_BASE_FLAG: u32 = 1 << 31;
+
+/// One record of a chunk upload body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRecord {
+    /// BLAKE3 of the data (the gateway checks it).
+    pub hash: ChunkHash,
+    /// Base hint, if the record carries one.
+    pub base: Option<ChunkHash>,
+    /// Where the data lies in the body.
+    pub data: std::ops::Range<usize>,
+}
+
+/// The bytes before a chunk record's data: `hash[32] | len u32 LE`, or with a
+/// base hint `hash[32] | (len | CHUNK_RECORD_BASE_FLAG) u32 LE | base[32]`.
+pub fn chunk_record_head(hash: &ChunkHash, base: Option<&ChunkHash>, len: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(68);
+    head.extend_from_slice(&hash.0);
+    let len = len as u32;
+    match base {
+        Some(b) => {
+            head.extend_from_slice(&(len | CHUNK_RECORD_BASE_FLAG).to_le_bytes());
+            head.extend_from_slice(&b.0);
+        }
+        None => head.extend_from_slice(&len.to_le_bytes()),
+    }
+    head
+}
+
 /// Appends one chunk record (`hash[32] | len u32 LE | data`) to a chunk upload body.
 pub fn put_chunk_record(body: &mut Vec<u8>, hash: &ChunkHash, data: &[u8]) {
-    body.extend_from_slice(&hash.0);
-    body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    put_chunk_record_with_base(body, hash, None, data);
+}
+
+/// [`put_chunk_record`] with an optional base hint (see
+/// [`CHUNK_RECORD_BASE_FLAG`]).
+pub fn put_chunk_record_with_base(
+    body: &mut Vec<u8>,
+    hash: &ChunkHash,
+    base: Option<&ChunkHash>,
+    data: &[u8],
+) {
+    body.extend_from_slice(&chunk_record_head(hash, base, data.len()));
     body.extend_from_slice(data);
 }
 
-/// Splits a chunk upload body into (hash, byte range of data) records.
-pub fn parse_chunk_records(
-    body: &[u8],
-) -> Result<Vec<(ChunkHash, std::ops::Range<usize>)>, FrameError> {
+/// Splits a chunk upload body into its records.
+pub fn parse_chunk_records(body: &[u8]) -> Result<Vec<ChunkRecord>, FrameError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < body.len() {
@@ -550,18 +591,34 @@ pub fn parse_chunk_records(
         h.copy_from_slice(&body[pos..pos + 32]);
         let mut l = [0u8; 4];
         l.copy_from_slice(&body[pos + 32..pos + 36]);
-        let len = u32::from_le_bytes(l);
+        let word = u32::from_le_bytes(l);
+        let len = word & !CHUNK_RECORD_BASE_FLAG;
         if len > MAX_CHUNK_SIZE {
             return Err(FrameError::TooLarge(len as u64));
         }
-        let start = pos + 36;
+        let mut start = pos + 36;
+        let base = if word & CHUNK_RECORD_BASE_FLAG != 0 {
+            let b = body
+                .get(start..start + 32)
+                .ok_or(FrameError::Truncated("chunk"))?;
+            start += 32;
+            let mut bh = [0u8; 32];
+            bh.copy_from_slice(b);
+            Some(ChunkHash(bh))
+        } else {
+            None
+        };
         let end = start
             .checked_add(len as usize)
             .ok_or(FrameError::Truncated("chunk"))?;
         if end > body.len() {
             return Err(FrameError::Truncated("chunk"));
         }
-        out.push((ChunkHash(h), start..end));
+        out.push(ChunkRecord {
+            hash: ChunkHash(h),
+            base,
+            data: start..end,
+        });
         pos = end;
     }
     Ok(out)
@@ -755,10 +812,24 @@ mod tests {
         let mut body = Vec::new();
         put_chunk_record(&mut body, &ChunkHash([1; 32]), b"hello");
         put_chunk_record(&mut body, &ChunkHash([2; 32]), b"");
+        put_chunk_record_with_base(
+            &mut body,
+            &ChunkHash([3; 32]),
+            Some(&ChunkHash([4; 32])),
+            b"xy",
+        );
         let recs = parse_chunk_records(&body).expect("parse");
-        assert_eq!(recs.len(), 2);
-        assert_eq!(&body[recs[0].1.clone()], b"hello");
-        assert_eq!(recs[1].0, ChunkHash([2; 32]));
+        assert_eq!(recs.len(), 3);
+        assert_eq!(&body[recs[0].data.clone()], b"hello");
+        assert_eq!(recs[0].base, None);
+        assert_eq!(recs[1].hash, ChunkHash([2; 32]));
+        assert_eq!(recs[2].base, Some(ChunkHash([4; 32])));
+        assert_eq!(&body[recs[2].data.clone()], b"xy");
+        // A base hint cut short is a truncated record.
+        assert_eq!(
+            parse_chunk_records(&body[..body.len() - 20]),
+            Err(FrameError::Truncated("chunk"))
+        );
         assert_eq!(
             parse_chunk_records(&body[..body.len() - 1]),
             Err(FrameError::Truncated("chunk"))

@@ -38,7 +38,7 @@ impl Default for GatewayConfig {
             passphrase_file: None,
             chunk_size: tierback_format::wire::DEFAULT_CHUNK_SIZE,
             pack_target_size: 64 << 20,
-            zstd_level: 3,
+            zstd_level: 1,
             session_idle_timeout_secs: 1800,
             enroll_token_ttl_secs: 24 * 3600,
         }

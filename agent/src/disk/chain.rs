@@ -12,7 +12,7 @@ use super::raw::RawDisk;
 use super::source::{FileBacking, Image, MemBacking};
 use super::vhd::{has_cookie, VhdDisk};
 use super::vhdx::VhdxFile;
-use super::{DiskError, VirtualDisk};
+use super::{DiskError, ReadMode, VirtualDisk};
 
 /// Deepest chain opened (Hyper-V allows 50 checkpoints).
 const MAX_DEPTH: usize = 1024;
@@ -70,12 +70,16 @@ fn detect(img: &Image) -> Result<Format, DiskError> {
     }
 }
 
-pub(crate) fn open_disk(path: &Path, vm_dir: &Path) -> Result<Box<dyn VirtualDisk>, DiskError> {
+pub(crate) fn open_disk(
+    path: &Path,
+    vm_dir: &Path,
+    mode: ReadMode,
+) -> Result<Box<dyn VirtualDisk>, DiskError> {
     let vm = vm_dir
         .canonicalize()
         .map_err(|e| DiskError::io(vm_dir, e))?;
     let mut seen = Vec::new();
-    Ok(open_file(path, &vm, &mut seen)?.0)
+    Ok(open_file(path, &vm, mode, &mut seen)?.0)
 }
 
 pub(crate) fn open_bytes(name: &Path, bytes: Vec<u8>) -> Result<Box<dyn VirtualDisk>, DiskError> {
@@ -110,11 +114,12 @@ pub(crate) fn open_bytes(name: &Path, bytes: Vec<u8>) -> Result<Box<dyn VirtualD
 fn open_file(
     path: &Path,
     vm: &Path,
+    mode: ReadMode,
     seen: &mut Vec<PathBuf>,
 ) -> Result<(Box<dyn VirtualDisk>, usize), DiskError> {
     let canon = path.canonicalize().map_err(|e| DiskError::io(path, e))?;
     seen.push(canon.clone());
-    let img = Image::new(path, Box::new(FileBacking::open(path)?));
+    let img = Image::new(path, Box::new(FileBacking::open(path, mode)?));
     match detect(&img)? {
         Format::Raw => Ok((Box::new(RawDisk { img }), 1)),
         Format::Vhd => Ok((Box::new(VhdDisk::open(img)?), 1)),
@@ -152,7 +157,7 @@ fn open_file(
                     again: ppath,
                 });
             }
-            let (parent, depth) = open_file(&ppath, vm, seen)?;
+            let (parent, depth) = open_file(&ppath, vm, mode, seen)?;
             let Some(pg) = parent.data_write_guid() else {
                 return Err(DiskError::unsupported(
                     path,
@@ -365,6 +370,45 @@ impl VirtualDisk for VhdxDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_and_buffered_reads_of_a_vhdx_agree() {
+        use tierback_format::vhdx::{VhdxOptions, VhdxWriter};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("d.vhdx");
+        let size = 24u64 << 20;
+        let mut want = vec![0u8; size as usize];
+        let mut opts = VhdxOptions::new(size);
+        opts.block_size = 2 << 20;
+        let file = std::fs::File::create(&path).expect("create");
+        let mut w = VhdxWriter::create(file, opts).expect("writer");
+        // Whole blocks, a block's odd middle, and a piece across a block edge.
+        for (o, l, v) in [
+            (0usize, 2usize << 20, 1u8),
+            (5 << 20, 12288 + 512, 2),
+            ((8 << 20) - 4096, 3 << 20, 3),
+        ] {
+            let data: Vec<u8> = (0..l).map(|i| v ^ (i % 253) as u8).collect();
+            w.write_at(o as u64, &data).expect("write");
+            want[o..o + l].copy_from_slice(&data);
+        }
+        w.finish().expect("finish");
+        for mode in [ReadMode::Direct, ReadMode::Buffered] {
+            let d = open_disk(&path, tmp.path(), mode).expect("open");
+            let mut all = vec![0u8; size as usize];
+            d.read_at(0, &mut all).expect("read");
+            assert!(all == want, "{mode:?}: whole disk");
+            for (o, l) in [
+                (1usize << 20, 1usize << 20),
+                (5 << 20, 100_000),
+                (511, 70_001),
+            ] {
+                let mut b = vec![0u8; l + 1];
+                d.read_at(o as u64, &mut b[1..]).expect("read");
+                assert!(b[1..] == want[o..o + l], "{mode:?} at {o}+{l}");
+            }
+        }
+    }
 
     #[test]
     fn windows_paths_lose_their_root() {

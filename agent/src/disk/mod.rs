@@ -1,9 +1,10 @@
 //! Reading VM disks: VHDX, AVHDX chains, legacy VHD and raw images, as a
 //! [`VirtualDisk`] of the guest-visible bytes.
 //!
-//! MUST NOT: write to a source disk. Every file is opened with `File::open`
-//! (read-only) and only ever read with `pread`; a dirty VHDX log is replayed
-//! into an in-memory overlay, never onto the file.
+//! MUST NOT: write to a source disk. Every file is opened read-only
+//! (`File::open`, plus an `O_RDONLY | O_DIRECT` handle for payload reads)
+//! and only ever read with `pread`; a dirty VHDX log is replayed into an
+//! in-memory overlay, never onto the file.
 //!
 //! Every offset and size read from a file is validated before use (against
 //! the file size, the structures around it and the spec's limits) and turns
@@ -13,6 +14,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `source` | read-only file access (pread), the in-memory log overlay |
+//! | `direct` | payload reads around the page cache (`O_DIRECT`), buffered fallback |
 //! | `log` | finding the active log sequence and replaying it in memory |
 //! | `vhdx` | headers, region table, metadata, BAT, block reads of one VHDX file |
 //! | `chain` | parent locator resolution inside the VM folder, linkage checks |
@@ -24,6 +26,7 @@
 //! uses positioned reads, so any number of threads may read one disk at once.
 
 mod chain;
+mod direct;
 mod log;
 mod ranges;
 mod raw;
@@ -222,6 +225,20 @@ pub trait VirtualDisk: Send + Sync {
     }
 }
 
+/// How the payload (guest data) of a disk's files is read. File structures
+/// (headers, BAT, log, bitmaps) always go through the page cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Around the page cache (`O_DIRECT`) where the file system allows it,
+    /// buffered where it does not: a backup streams the disk once, and
+    /// filling and reclaiming the page cache would cost more CPU than the
+    /// reads themselves.
+    #[default]
+    Direct,
+    /// Through the page cache only.
+    Buffered,
+}
+
 /// Opens a `.vhdx`/`.avhdx`/`.vhd` (recognised by content: the `vhdxfile`
 /// identifier, or a VHD footer `conectix` at the end or its copy at the start)
 /// or a raw image (`.raw`/`.img` extension), READ-ONLY.
@@ -231,9 +248,18 @@ pub trait VirtualDisk: Send + Sync {
 /// files found inside `vm_dir`), and must lie inside `vm_dir`, the VM folder:
 /// paths escaping it are refused. `parent_linkage` (or `parent_linkage2`) is
 /// checked against the parent's DataWriteGuid. Chains of any depth up to
-/// 1024; a loop is an error.
+/// 1024; a loop is an error. Payload is read as [`ReadMode::Direct`].
 pub fn open_disk(path: &Path, vm_dir: &Path) -> Result<Box<dyn VirtualDisk>, DiskError> {
-    chain::open_disk(path, vm_dir)
+    chain::open_disk(path, vm_dir, ReadMode::Direct)
+}
+
+/// [`open_disk`] with the payload of every file of the chain read as `mode`.
+pub fn open_disk_with(
+    path: &Path,
+    vm_dir: &Path,
+    mode: ReadMode,
+) -> Result<Box<dyn VirtualDisk>, DiskError> {
+    chain::open_disk(path, vm_dir, mode)
 }
 
 /// Parses an in-memory VHDX, VHD or (anything else) raw image, as

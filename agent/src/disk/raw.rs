@@ -35,7 +35,7 @@ impl VirtualDisk for RawDisk {
                 virtual_size: size,
             });
         }
-        self.img.read(offset, buf)
+        self.img.read_payload(offset, buf)
     }
     fn data_write_guid(&self) -> Option<[u8; 16]> {
         None

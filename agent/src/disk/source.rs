@@ -1,13 +1,19 @@
 //! Read-only access to an image file: positioned reads on a `File` opened
 //! with `File::open`, or on bytes in memory, plus the overlay a replayed VHDX
 //! log leaves behind. Nothing here can write to a file.
+//!
+//! Two kinds of reads: structure reads (headers, log, region table,
+//! metadata, BAT, bitmaps) are small and re-read, and go through the page
+//! cache; payload reads (the guest's data, streamed once per backup) go
+//! around it with `O_DIRECT` where the file system allows (`direct`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::DiskError;
+use super::direct::DirectFile;
+use super::{DiskError, ReadMode};
 
 /// Bytes that can be read at any offset from many threads.
 pub(crate) trait Backing: Send + Sync {
@@ -15,20 +21,46 @@ pub(crate) trait Backing: Send + Sync {
     fn len(&self) -> u64;
     /// Reads exactly `buf.len()` bytes at `offset`, inside `len()`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// [`read_exact_at`](Self::read_exact_at) for guest data, read once in
+    /// bulk: may bypass the page cache.
+    fn read_payload_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
 }
 
-/// A file opened read-only; its length is taken once at open.
+/// Payload reads shorter than this stay buffered: a scattered small read
+/// (sector-bitmap runs of a differencing disk, pieces between log-overlay
+/// pages) is served better by the page cache and its readahead than by a
+/// synchronous device read.
+const DIRECT_MIN: usize = 64 << 10;
+
+/// A file opened read-only; its length is taken once at open. Structure
+/// reads use the buffered handle, payload reads the direct one while the
+/// file system accepts direct I/O.
 pub(crate) struct FileBacking {
     file: File,
+    direct: Option<DirectFile>,
     len: u64,
 }
 
 impl FileBacking {
-    /// Opens `path` with `File::open` (read-only).
-    pub(crate) fn open(path: &Path) -> Result<FileBacking, DiskError> {
+    /// Opens `path` with `File::open` (read-only) and, for
+    /// [`ReadMode::Direct`], a second read-only `O_DIRECT` handle if the
+    /// file system allows one.
+    pub(crate) fn open(path: &Path, mode: ReadMode) -> Result<FileBacking, DiskError> {
         let file = File::open(path).map_err(|e| DiskError::io(path, e))?;
         let len = file.metadata().map_err(|e| DiskError::io(path, e))?.len();
-        Ok(FileBacking { file, len })
+        let direct = match mode {
+            ReadMode::Direct => DirectFile::open(path),
+            ReadMode::Buffered => None,
+        };
+        Ok(FileBacking { file, direct, len })
+    }
+
+    /// True while payload reads bypass the page cache.
+    #[cfg(test)]
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct.as_ref().is_some_and(DirectFile::is_active)
     }
 }
 
@@ -37,6 +69,14 @@ impl Backing for FileBacking {
         self.len
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn read_payload_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(d) = self.direct.as_ref().filter(|_| buf.len() >= DIRECT_MIN) {
+            if d.read_exact_at(buf, offset)? {
+                return Ok(());
+            }
+        }
         self.file.read_exact_at(buf, offset)
     }
 }
@@ -206,9 +246,19 @@ impl Image {
             .map_err(|e| DiskError::io(&self.path, e))
     }
 
-    /// Reads through the overlay; bytes between the real end of the file and
-    /// [`len`](Self::len) read as zeros.
+    /// Reads file structures through the overlay; bytes between the real
+    /// end of the file and [`len`](Self::len) read as zeros.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.read_through(offset, buf, false)
+    }
+
+    /// [`read`](Self::read) for guest data (payload blocks, a raw or fixed
+    /// image's bytes): read once in bulk, so it may bypass the page cache.
+    pub(crate) fn read_payload(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.read_through(offset, buf, true)
+    }
+
+    fn read_through(&self, offset: u64, buf: &mut [u8], payload: bool) -> Result<(), DiskError> {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.len) {
             return Err(DiskError::truncated(
@@ -218,7 +268,7 @@ impl Image {
             ));
         }
         if self.overlay.is_empty() {
-            return self.read_base(offset, buf);
+            return self.read_base(offset, buf, payload);
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -238,7 +288,7 @@ impl Image {
                 }
                 Err(next) => {
                     let n = left.min(next.saturating_sub(pos).try_into().unwrap_or(usize::MAX));
-                    self.read_base(pos, &mut buf[done..done + n])?;
+                    self.read_base(pos, &mut buf[done..done + n], payload)?;
                     done += n;
                 }
             }
@@ -246,13 +296,17 @@ impl Image {
         Ok(())
     }
 
-    fn read_base(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+    fn read_base(&self, offset: u64, buf: &mut [u8], payload: bool) -> Result<(), DiskError> {
         let real = self.base.len();
         let in_file = real.saturating_sub(offset).min(buf.len() as u64) as usize;
         if in_file > 0 {
-            self.base
-                .read_exact_at(&mut buf[..in_file], offset)
-                .map_err(|e| DiskError::io(&self.path, e))?;
+            let b = &mut buf[..in_file];
+            if payload {
+                self.base.read_payload_at(b, offset)
+            } else {
+                self.base.read_exact_at(b, offset)
+            }
+            .map_err(|e| DiskError::io(&self.path, e))?;
         }
         buf[in_file..].fill(0);
         Ok(())
@@ -318,6 +372,51 @@ mod tests {
         let mut raw = vec![0u8; 16];
         im.read_raw(8192, &mut raw).expect("test value");
         assert_eq!(raw, &base[8192..8208]);
+    }
+
+    #[test]
+    fn payload_reads_direct_or_buffered_agree_with_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("disk.raw");
+        let want: Vec<u8> = (0..(3u32 << 20) + 1000)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        // Read back at once, possibly still dirty in the page cache.
+        std::fs::write(&path, &want).expect("write");
+        for mode in [ReadMode::Direct, ReadMode::Buffered] {
+            let fb = FileBacking::open(&path, mode).expect("open");
+            assert_eq!(fb.len(), want.len() as u64);
+            let mut im = Image::new(&path, Box::new(fb));
+            let mut ov = Overlay::default();
+            ov.data(1 << 20, vec![0xAB; PAGE as usize]);
+            let mut with_ov = want.clone();
+            with_ov[1 << 20..(1 << 20) + PAGE as usize].fill(0xAB);
+            for (o, l) in [
+                (0usize, want.len()),
+                (4096, 1 << 20),
+                (512, 1 << 20),
+                (want.len() - 70_000, 70_000),
+                (10, 100),
+            ] {
+                let mut b = vec![0u8; l];
+                im.read_payload(o as u64, &mut b).expect("read");
+                assert!(b == want[o..o + l], "{mode:?} at {o}+{l}");
+            }
+            im.set_overlay(ov, 0);
+            let mut all = vec![0u8; want.len()];
+            im.read_payload(0, &mut all).expect("read");
+            assert!(all == with_ov, "{mode:?} through the overlay");
+        }
+        // The temp dir's file system takes direct reads; the forced mode never uses them.
+        let direct = FileBacking::open(&path, ReadMode::Direct).expect("open");
+        let mut b = vec![0u8; 1 << 20];
+        direct.read_payload_at(&mut b, 0).expect("read");
+        assert!(
+            direct.is_direct(),
+            "set TMPDIR to a file system with O_DIRECT"
+        );
+        let buffered = FileBacking::open(&path, ReadMode::Buffered).expect("open");
+        assert!(!buffered.is_direct());
     }
 
     #[test]

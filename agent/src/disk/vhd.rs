@@ -268,7 +268,7 @@ impl VirtualDisk for VhdDisk {
             });
         }
         let (block_size, bitmap_len, bat) = match &self.kind {
-            Kind::Fixed => return self.img.read(offset, buf),
+            Kind::Fixed => return self.img.read_payload(offset, buf),
             Kind::Dynamic {
                 block_size,
                 bitmap_len,
@@ -297,7 +297,7 @@ impl VirtualDisk for VhdDisk {
                     let re = ((first + f - first % 8 + l) * 512).min(ib + n as u64);
                     let o = &mut out[(rs - ib) as usize..(re - ib) as usize];
                     if set {
-                        self.img.read(base + bitmap_len + rs, o)?;
+                        self.img.read_payload(base + bitmap_len + rs, o)?;
                     } else {
                         o.fill(0);
                     }

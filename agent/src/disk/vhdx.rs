@@ -543,7 +543,7 @@ impl VhdxFile {
             let out = &mut buf[done..done + n];
             let e = self.entry(block);
             match e.state() {
-                PAYLOAD_BLOCK_FULLY_PRESENT => self.img.read(e.file_offset() + ib, out)?,
+                PAYLOAD_BLOCK_FULLY_PRESENT => self.img.read_payload(e.file_offset() + ib, out)?,
                 PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                     let first = ib / lss;
                     let count = (ib + n as u64).div_ceil(lss) - first;
@@ -554,7 +554,7 @@ impl VhdxFile {
                         let re = ((first + s - bit0 + l) * lss).min(ib + n as u64);
                         let o = &mut out[(rs - ib) as usize..(re - ib) as usize];
                         if present {
-                            self.img.read(e.file_offset() + rs, o)?;
+                            self.img.read_payload(e.file_offset() + rs, o)?;
                         } else {
                             read_parent(parent, block * bs + rs, o)?;
                         }

@@ -314,10 +314,10 @@ pub(crate) async fn store_chunk_records(
     let records = parse_chunk_records(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let mut resp = ChunksResponse::default();
     let mut set = tokio::task::JoinSet::new();
-    for (hash, range) in records {
+    for r in records {
         let store = st.store.clone();
-        let data = body.slice(range);
-        set.spawn(async move { store.put(hash, data).await });
+        let data = body.slice(r.data);
+        set.spawn(async move { store.put_with_base(r.hash, data, r.base).await });
         while set.len() >= MAX_PUTS_PER_REQUEST {
             if let Some(r) = set.join_next().await {
                 tally(&mut resp, r)?;

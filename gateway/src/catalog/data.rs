@@ -326,6 +326,55 @@ impl Catalog {
             .map(|o| o.map(|(_, loc)| loc))
     }
 
+    /// Location of one chunk and, for a delta chunk, its base.
+    pub async fn chunk_location_and_base(
+        &self,
+        id: &ChunkId,
+    ) -> Result<Option<(ChunkLocation, Option<ChunkId>)>> {
+        if self
+            .chunk_filter
+            .active()
+            .is_some_and(|f| !f.may_contain(id))
+        {
+            return Ok(None);
+        }
+        let row = sqlx::query_as::<_, (Vec<u8>, Vec<u8>, i64, i64, i64, Option<Vec<u8>>)>(
+            "SELECT id, pack_id, \"offset\", len, raw_len, base FROM chunks WHERE id = ?",
+        )
+        .bind(&id.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((id, pack, offset, len, raw_len, base)) = row else {
+            return Ok(None);
+        };
+        let (_, loc) = decode_location((id, pack, offset, len, raw_len))?;
+        let base = base
+            .map(|b| ChunkId::from_slice(&b).map_err(|e| CatalogError::Invalid(e.to_string())))
+            .transpose()?;
+        Ok(Some((loc, base)))
+    }
+
+    /// Up to `limit` distinct ids that some chunk row names as its base,
+    /// ascending, after `after`: GC keeps them all (keyset pages over the
+    /// partial index `chunks_base`).
+    pub async fn delta_bases_page(
+        &self,
+        after: Option<&ChunkId>,
+        limit: u32,
+    ) -> Result<Vec<ChunkId>> {
+        let rows: Vec<(Vec<u8>,)> = sqlx::query_as(
+            "SELECT DISTINCT base FROM chunks WHERE base IS NOT NULL AND base > ? \
+             ORDER BY base LIMIT ?",
+        )
+        .bind(after.map_or_else(Vec::new, |a| a.0.to_vec()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(b,)| ChunkId::from_slice(&b).map_err(|e| CatalogError::Invalid(e.to_string())))
+            .collect()
+    }
+
     /// Records a durable pack and its chunks in one transaction. Idempotent:
     /// a pack or chunk already recorded is left as it is (a chunk keeps its
     /// first location). The ids enter the chunk filter before the
@@ -339,6 +388,26 @@ impl Catalog {
     /// transaction (one WAL fsync instead of one per pack: bulk loads such
     /// as a catalog rebuilt from the cloud).
     pub async fn insert_packs_with_chunks(&self, packs: &[(NewPack, &[TocEntry])]) -> Result<()> {
+        self.insert_packs_with_bases(packs, &HashMap::new()).await
+    }
+
+    /// [`Self::insert_pack_with_chunks`], where the chunks named in `bases`
+    /// are deltas against the chunk they map to (recorded in `base`).
+    pub async fn insert_pack_with_bases(
+        &self,
+        pack: &NewPack,
+        chunks: &[TocEntry],
+        bases: &HashMap<ChunkId, ChunkId>,
+    ) -> Result<()> {
+        self.insert_packs_with_bases(&[(*pack, chunks)], bases)
+            .await
+    }
+
+    async fn insert_packs_with_bases(
+        &self,
+        packs: &[(NewPack, &[TocEntry])],
+        bases: &HashMap<ChunkId, ChunkId>,
+    ) -> Result<()> {
         let guard = self.chunk_filter.insert_guard().await;
         guard.add(
             packs
@@ -359,8 +428,8 @@ impl Catalog {
             // bounded pack-sized transactions (docs/scale.md).
             for rows in chunks.chunks(INSERT_ROWS) {
                 let sql = format!(
-                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES {}",
-                    vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", ")
+                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
+                    vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
                 );
                 let mut q = sqlx::query(&sql);
                 for c in rows {
@@ -369,7 +438,8 @@ impl Catalog {
                         .bind(&pack.id.0[..])
                         .bind(to_i64(c.offset, "chunk offset")?)
                         .bind(i64::from(c.len))
-                        .bind(i64::from(c.raw_len));
+                        .bind(i64::from(c.raw_len))
+                        .bind(bases.get(&c.chunk_id).map(|b| b.0.to_vec()));
                 }
                 q.execute(&mut *tx).await?;
             }

@@ -597,7 +597,26 @@ impl ChunkStore {
         }
         // Only after every stream of a point was read is the point marked.
         mark.points.extend(new_points);
-        Ok(())
+        self.mark_delta_bases(&mark.live).await
+    }
+
+    /// Marks every chunk that a chunk row names as its delta base, live or
+    /// not: a delta kept for any reason (marked, or touched by a backup
+    /// after this) can still be read. A base outlives its last delta by
+    /// one GC run. Deltas stored later touch their base themselves.
+    async fn mark_delta_bases(&self, live: &BlockedBloom) -> Result<(), StoreError> {
+        let mut after: Option<ChunkId> = None;
+        loop {
+            let page = self
+                .catalog
+                .delta_bases_page(after.as_ref(), PLAN_PAGE)
+                .await?;
+            page.iter().for_each(|b| live.insert(b));
+            if page.len() < PLAN_PAGE as usize {
+                return Ok(());
+            }
+            after = page.last().copied();
+        }
     }
 
     /// For each chunk: live (marked) or touched by a backup since `floor`.

@@ -430,3 +430,41 @@ async fn crash_after_each_gc_step_leaves_every_live_chunk_readable() {
         assert_eq!(packs.len(), 1, "{step:?}: one compacted pack remains");
     }
 }
+
+#[tokio::test]
+async fn a_delta_keeps_its_base_alive_until_the_delta_is_gone() {
+    let f = fixture(StoreConfig::default()).await;
+    let base = noise(1, 1 << 20);
+    let bid = stored(&f.store, std::slice::from_ref(&base)).await[0];
+    let mut v = base.to_vec();
+    v[4096..4096 + 65_536].copy_from_slice(&noise(2, 65_536));
+    let day2 = Bytes::from(v);
+    let h2 = ChunkHash::of(&day2);
+    f.store
+        .put_with_base(h2, day2.clone(), Some(ChunkHash::of(&base)))
+        .await
+        .expect("put");
+    f.store.flush().await.expect("flush");
+    let id2 = f.store.chunk_id(&h2);
+    let (p1, p2) = (PointId([1; 16]), PointId([2; 16]));
+    commit(&f, p1, "vm", &[vec![bid]]).await;
+    commit(&f, p2, "vm", &[vec![id2]]).await;
+
+    // Day 1 expires: its chunk is no point's, but day 2's delta needs it.
+    f.store.delete_points(&[p1]).await.expect("delete");
+    let r = f.store.gc(GcOptions::default()).await.expect("gc");
+    assert_eq!(r.packs_removed, 0, "{r:?}");
+    assert_readable(&f.store, &[base.clone(), day2.clone()]).await;
+    assert_verify_clean(&f.store).await;
+
+    // Day 2 expires too: the delta goes, its base one run later.
+    f.store.delete_points(&[p2]).await.expect("delete");
+    let r = f.store.gc(GcOptions::default()).await.expect("gc");
+    assert_eq!(r.chunks_removed, 1, "{r:?}");
+    assert_gone(&f.store, std::slice::from_ref(&day2)).await;
+    assert_readable(&f.store, std::slice::from_ref(&base)).await;
+    let r = f.store.gc(GcOptions::default()).await.expect("gc");
+    assert_eq!(r.chunks_removed, 1, "{r:?}");
+    assert_gone(&f.store, &[base]).await;
+    assert_files_match_catalog(f.dir.path(), &f.catalog).await;
+}

@@ -51,7 +51,7 @@ mod gc_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             pack_target_size: 64 << 20,
-            zstd_level: 3,
+            zstd_level: 1,
         }
     }
 }
@@ -255,6 +255,8 @@ struct OpenPack {
     builder: PackFile,
     key: [u8; 32],
     ids: HashSet<ChunkId>,
+    /// Chunks of this pack stored as deltas, with their bases.
+    bases: HashMap<ChunkId, ChunkId>,
 }
 
 /// A pack taken out of `open` to be sealed: its `*.tmp` file holds header and
@@ -266,6 +268,7 @@ struct SealingPack {
     tmp: PathBuf,
     records_end: u64,
     entries: Arc<Vec<TocEntry>>,
+    bases: Arc<HashMap<ChunkId, ChunkId>>,
     ids: HashSet<ChunkId>,
 }
 
@@ -359,6 +362,7 @@ struct SealJob {
     tmp: PathBuf,
     records_end: u64,
     entries: Arc<Vec<TocEntry>>,
+    bases: Arc<HashMap<ChunkId, ChunkId>>,
 }
 
 impl SealingPack {
@@ -369,6 +373,7 @@ impl SealingPack {
             tmp: self.tmp.clone(),
             records_end: self.records_end,
             entries: self.entries.clone(),
+            bases: self.bases.clone(),
         }
     }
 }
@@ -387,6 +392,8 @@ struct Shared {
     keys: Keys,
     handles: HandleCache,
     faults: Faults,
+    /// For the base of a delta chunk, looked up from blocking threads.
+    catalog: Catalog,
 }
 
 /// The local chunk store. `Send + Sync`: share it by `Arc` between sessions.
@@ -462,6 +469,7 @@ impl ChunkStore {
                 keys,
                 handles: HandleCache::default(),
                 faults: Faults::default(),
+                catalog: catalog.clone(),
             }),
             catalog,
             cfg,
@@ -534,6 +542,21 @@ impl ChunkStore {
     /// sealing the previous one first if it reached the target size. A chunk
     /// already stored or pending is dropped (`Duplicate`).
     pub async fn put(&self, hash: ChunkHash, data: Bytes) -> Result<PutOutcome, StoreError> {
+        self.put_with_base(hash, data, None).await
+    }
+
+    /// [`Self::put`] with a base hint: the plaintext hash of the chunk the
+    /// same place of the disk held in the previous point. If that chunk is
+    /// stored (or, when it is a delta itself, its base), the new chunk is
+    /// stored as a zstd delta against it (codec `0x02`, docs/formats.md),
+    /// when that is smaller. The hint never changes what is stored, only
+    /// how: an absent or unreadable base just means a plain chunk.
+    pub async fn put_with_base(
+        &self,
+        hash: ChunkHash,
+        data: Bytes,
+        base: Option<ChunkHash>,
+    ) -> Result<PutOutcome, StoreError> {
         if data.len() > MAX_CHUNK_SIZE {
             return Err(StoreError::TooLarge {
                 len: data.len(),
@@ -554,18 +577,35 @@ impl ChunkStore {
             self.touches.touch([&id]);
             return Ok(PutOutcome::Duplicate);
         };
-        {
+        let base = {
             let _sweep = self.sweep.read().await;
             if self.catalog.chunk_location(&id).await?.is_some() {
                 self.touches.touch([&id]);
                 return Ok(PutOutcome::Duplicate);
             }
-        }
+            match base {
+                Some(b) => self.delta_base(&self.chunk_id(&b), &id).await?,
+                None => None,
+            }
+        };
+        // A base that cannot be read (moved by GC, damaged) just means a
+        // plain chunk; verify reports damage.
+        let base = match base {
+            Some((bid, loc)) => self.get_at(&bid, loc).await.ok().map(|b| (bid, b)),
+            None => None,
+        };
         let level = self.cfg.zstd_level;
         let raw_len = data.len() as u32;
         let permit = self.cpu_permit().await?;
-        let payload = Arc::new(blocking(move || crypto::encode_chunk_payload(&data, level)).await?);
+        let payload = Arc::new(
+            blocking(move || match base {
+                Some((bid, b)) => crypto::encode_delta_payload(&data, &bid, &b, level),
+                None => crypto::encode_chunk_payload(&data, level),
+            })
+            .await?,
+        );
         drop(permit);
+        let delta_of = crypto::payload_delta_base(&payload).ok().flatten();
         loop {
             if self.open_is_full() {
                 self.seal_pending(SealMode::IfFull).await?;
@@ -581,6 +621,9 @@ impl ChunkStore {
                         .append(id, &sealed, raw_len)
                         .map_err(|e| StoreError::write(format!("pack {pack_id}"), e))?;
                     open.ids.insert(id);
+                    if let Some(b) = delta_of {
+                        open.bases.insert(id, b);
+                    }
                     drop(st);
                     self.touches.touch([&id]);
                     // The chunk is pending through the open pack now; the
@@ -594,6 +637,27 @@ impl ChunkStore {
                 _ => {}
             }
         }
+    }
+
+    /// The base a chunk `id` hinted at `hinted` would be stored against:
+    /// `hinted` if it is a plain stored chunk, its own base if it is a delta
+    /// (chains stay one deep), `None` if absent. Call under the sweep lock:
+    /// the chosen base is touched, so a running GC keeps it.
+    async fn delta_base(
+        &self,
+        hinted: &ChunkId,
+        id: &ChunkId,
+    ) -> Result<Option<(ChunkId, ChunkLocation)>, StoreError> {
+        let chosen = match self.catalog.chunk_location_and_base(hinted).await? {
+            None => None,
+            Some((loc, None)) => Some((*hinted, loc)),
+            Some((_, Some(b))) => self.catalog.chunk_location(&b).await?.map(|loc| (b, loc)),
+        };
+        let chosen = chosen.filter(|(b, _)| b != id);
+        if let Some((b, _)) = &chosen {
+            self.touches.touch([b]);
+        }
+        Ok(chosen)
     }
 
     async fn cpu_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
@@ -627,6 +691,7 @@ impl ChunkStore {
                 builder: PackFile::new(&self.shared, id),
                 key: self.shared.keys.master.pack_key(&id),
                 ids: HashSet::new(),
+                bases: HashMap::new(),
             }
         });
         (*open.builder.id(), open.key)
@@ -670,6 +735,7 @@ impl ChunkStore {
                         tmp,
                         records_end,
                         entries: Arc::new(entries),
+                        bases: Arc::new(open.bases),
                         ids: open.ids,
                     };
                     let job = sealing.job();
@@ -699,6 +765,7 @@ impl ChunkStore {
             tmp,
             records_end,
             entries,
+            bases,
         } = job;
         let tail = tierback_format::pack::pack_tail(&key, &id, &entries, records_end);
         let size = records_end + tail.len() as u64;
@@ -714,13 +781,14 @@ impl ChunkStore {
         .await?
         .map_err(|e| StoreError::write(format!("pack {id}"), e))?;
         self.catalog
-            .insert_pack_with_chunks(
+            .insert_pack_with_bases(
                 &NewPack {
                     id,
                     size,
                     created_at: now_secs(),
                 },
                 &entries,
+                &bases,
             )
             .await?;
         if let Some(new) = self.state().gc_new_packs.as_mut() {
@@ -964,9 +1032,105 @@ impl Shared {
                 })
             }
         };
-        let key = self.keys.master.pack_key(&loc.pack_id);
-        let plain = crypto::open_chunk_verified(&key, &loc.pack_id, id, &sealed, &self.keys.id_key)
-            .map_err(|e| corrupt(format!("chunk {id}: {e}")))?;
+        if sealed.len() > crypto::MAX_SEALED_CHUNK_LEN {
+            return Err(corrupt(format!(
+                "chunk {id}: its record is {} bytes, more than any chunk",
+                sealed.len()
+            )));
+        }
+        let payload = self.open_payload(id, loc, &sealed)?;
+        let plain = self.decode_payload(id, loc, &payload, true)?;
+        self.check_plain(id, loc, &plain)?;
+        Ok(plain)
+    }
+
+    /// Decodes an opened payload; a delta payload (only if `allow_delta`:
+    /// bases are never deltas) is decoded against its base, read through
+    /// the catalog.
+    fn decode_payload(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        payload: &[u8],
+        allow_delta: bool,
+    ) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason,
+        };
+        let base =
+            crypto::payload_delta_base(payload).map_err(|e| corrupt(format!("chunk {id}: {e}")))?;
+        let Some(base) = base else {
+            return crypto::decode_chunk_payload(payload)
+                .map_err(|e| corrupt(format!("chunk {id}: {e}")));
+        };
+        if !allow_delta {
+            return Err(corrupt(format!(
+                "chunk {id} is a delta but serves as the base of another delta"
+            )));
+        }
+        let base_plain = self.read_base(&base).map_err(|e| {
+            corrupt(format!(
+                "chunk {id} is a delta against chunk {base}, which cannot be read: {e}"
+            ))
+        })?;
+        crypto::decode_delta_payload(payload, &base_plain)
+            .map_err(|e| corrupt(format!("chunk {id}: {e}")))
+    }
+
+    /// Blocking: the plaintext of the base chunk `base` of a delta (looked
+    /// up in the catalog, again once if GC moved it meanwhile); checked
+    /// against its id, and never itself a delta.
+    fn read_base(&self, base: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+            StoreError::Internal(format!("no runtime to look up a delta base: {e}"))
+        })?;
+        let mut last = None;
+        for _ in 0..2 {
+            let loc = rt
+                .block_on(self.catalog.chunk_location(base))?
+                .ok_or(StoreError::NotFound(*base))?;
+            if last == Some(loc) {
+                break;
+            }
+            last = Some(loc);
+            let file = match self.handles.get(&self.layout, &loc.pack_id) {
+                Ok(f) => f,
+                Err(_) => continue,
+            };
+            let Ok(sealed) = files::read_exact_at(&file, loc.offset, loc.len as usize) else {
+                continue;
+            };
+            let payload = self.open_payload(base, &loc, &sealed)?;
+            let plain = self.decode_payload(base, &loc, &payload, false)?;
+            self.check_plain(base, &loc, &plain)?;
+            return Ok(plain);
+        }
+        Err(StoreError::Io {
+            context: format!("reading the delta base {base}"),
+            source: io::Error::other("its pack could not be read"),
+        })
+    }
+
+    /// Checks a decoded chunk against its id and its catalogued length.
+    fn check_plain(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        plain: &[u8],
+    ) -> Result<(), StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason,
+        };
+        let actual = ChunkId::derive(&self.keys.id_key, &ChunkHash::of(plain));
+        if actual != *id {
+            return Err(corrupt(format!(
+                "chunk {id}: content does not match its id (content gives {actual})"
+            )));
+        }
         if plain.len() != loc.raw_len as usize {
             return Err(corrupt(format!(
                 "chunk {id} holds {} bytes, the catalog says {}",
@@ -974,7 +1138,26 @@ impl Shared {
                 loc.raw_len
             )));
         }
-        Ok(plain)
+        Ok(())
+    }
+
+    /// A delta payload as the raw payload of its plaintext (checked against
+    /// the id): restore clients decode payloads alone. Others unchanged.
+    fn undelta_payload(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        if payload.first() != Some(&tierback_format::magic::CHUNK_CODEC_ZSTD_DELTA) {
+            return Ok(payload);
+        }
+        let plain = self.decode_payload(id, loc, &payload, true)?;
+        self.check_plain(id, loc, &plain)?;
+        let mut raw = Vec::with_capacity(1 + plain.len());
+        raw.push(tierback_format::magic::CHUNK_CODEC_RAW);
+        raw.extend_from_slice(&plain);
+        Ok(raw)
     }
 
     /// Blocking: reads the record of `id` at `loc` and checks its tag, but
@@ -1007,7 +1190,8 @@ impl Shared {
                 })
             }
         };
-        self.open_payload(id, loc, &sealed)
+        let payload = self.open_payload(id, loc, &sealed)?;
+        self.undelta_payload(id, loc, payload)
     }
 
     /// Checks the tag of a sealed record and returns its payload.
@@ -1083,6 +1267,7 @@ impl Shared {
                         .map(|(id, loc)| {
                             let at = (loc.offset - first.offset) as usize;
                             self.open_payload(id, loc, &span[at..at + loc.len as usize])
+                                .and_then(|p| self.undelta_payload(id, loc, p))
                         })
                         .collect::<Vec<_>>(),
                 )
