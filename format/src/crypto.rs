@@ -29,7 +29,7 @@ use sha2::Sha256;
 
 use crate::ids::{ChunkHash, ChunkId, PackId, PointId};
 use crate::magic::{
-    ObjectType, CHUNK_CODEC_RAW, CHUNK_CODEC_ZSTD, CHUNK_CODEC_ZSTD_DELTA, FORMAT_VERSION,
+    ObjectType, CHUNK_CODEC_DELTA, CHUNK_CODEC_RAW, CHUNK_CODEC_ZSTD, FORMAT_VERSION,
     MAX_CHUNK_SIZE,
 };
 
@@ -270,12 +270,21 @@ fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     })
 }
 
+/// Granularity of a delta: 4 KiB blocks at the same offsets in chunk and
+/// base (a disk write changes whole sectors in place).
+pub const DELTA_BLOCK: usize = 4096;
+
 /// Encodes a chunk's plaintext as a delta against `base` (the plaintext of
 /// the chunk stored under `base_id`, itself not a delta):
-/// `CHUNK_CODEC_ZSTD_DELTA ‖ base_id ‖ zstd frame` compressed with `base` as
-/// a single-use raw prefix, so content shared with the base costs a few
-/// bytes. Falls back to [`encode_chunk_payload`] at `zstd_level` when the
-/// delta is not smaller than the plaintext (so the payload never exceeds the bound of
+///
+/// `CHUNK_CODEC_DELTA ‖ base_id (32) ‖ chunk length u32 LE ‖ bitmap ‖
+/// inner payload`, where bit i of the bitmap (LSB first, ⌈blocks/8⌉ bytes)
+/// says 4 KiB block i differs from the base's block i (or lies beyond the
+/// base), and the inner payload is [`encode_chunk_payload`] of those blocks
+/// concatenated. A scattered 64 KiB write costs ~64 KiB before compression
+/// instead of the whole chunk, found by comparing memory, with no hash table
+/// over the base. Falls back to [`encode_chunk_payload`] when the delta is
+/// not smaller than the plaintext (so the payload never exceeds the bound of
 /// [`MAX_SEALED_CHUNK_LEN`]).
 pub fn encode_delta_payload(
     plaintext: &[u8],
@@ -283,50 +292,39 @@ pub fn encode_delta_payload(
     base: &[u8],
     zstd_level: i32,
 ) -> Vec<u8> {
-    match compress_with_prefix(plaintext, base) {
-        Ok(z) if ChunkId::LEN + z.len() < plaintext.len() => {
-            let mut out = Vec::with_capacity(1 + ChunkId::LEN + z.len());
-            out.push(CHUNK_CODEC_ZSTD_DELTA);
-            out.extend_from_slice(&base_id.0);
-            out.extend_from_slice(&z);
-            out
+    let blocks = plaintext.len().div_ceil(DELTA_BLOCK);
+    let mut bitmap = vec![0u8; blocks.div_ceil(8)];
+    let mut changed = Vec::new();
+    for (i, block) in plaintext.chunks(DELTA_BLOCK).enumerate() {
+        let at = i * DELTA_BLOCK;
+        if base.get(at..at + block.len()) != Some(block) {
+            bitmap[i / 8] |= 1 << (i % 8);
+            changed.extend_from_slice(block);
         }
-        _ => encode_chunk_payload(plaintext, zstd_level),
     }
-}
-
-/// One zstd frame of `plaintext` with `prefix` referenced as raw content
-/// (never parsed as a dictionary, whatever its first bytes). A fresh
-/// context per call: a referenced prefix must outlive the context.
-///
-/// Parameters chosen by measurement (docs/benchmarks.md) on 1 MiB chunks of
-/// the benchmark disk with a 64 KiB change: level 1 with a 2^18-entry hash
-/// table and 6-byte minimum matches takes ~1 ms per chunk and finds the
-/// whole prefix (~51 KB out), where plain level 3 takes 3–6 ms (160–370 KB
-/// out) and level 1 with its default table forgets most of the prefix.
-fn compress_with_prefix(plaintext: &[u8], prefix: &[u8]) -> std::io::Result<Vec<u8>> {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let err = |c: usize| std::io::Error::other(zstd::zstd_safe::get_error_name(c));
-    let mut cctx = CCtx::try_create().ok_or_else(|| std::io::Error::other("zstd context"))?;
-    cctx.set_parameter(CParameter::CompressionLevel(1))
-        .map_err(err)?;
-    cctx.set_parameter(CParameter::HashLog(18)).map_err(err)?;
-    cctx.set_parameter(CParameter::MinMatch(6)).map_err(err)?;
-    // The window must reach back over the whole prefix.
-    let window = (usize::BITS - (prefix.len() + plaintext.len()).leading_zeros()).clamp(10, 27);
-    cctx.set_parameter(CParameter::WindowLog(window))
-        .map_err(err)?;
-    cctx.ref_prefix(prefix).map_err(err)?;
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(plaintext.len()));
-    cctx.compress2(&mut out, plaintext).map_err(err)?;
-    Ok(out)
+    // Mostly changed: a plain chunk decodes without reading the base.
+    if changed.len() * 2 > plaintext.len() {
+        return encode_chunk_payload(plaintext, zstd_level);
+    }
+    let inner = encode_chunk_payload(&changed, zstd_level);
+    let len = 1 + ChunkId::LEN + 4 + bitmap.len() + inner.len();
+    if len >= plaintext.len() {
+        return encode_chunk_payload(plaintext, zstd_level);
+    }
+    let mut out = Vec::with_capacity(len);
+    out.push(CHUNK_CODEC_DELTA);
+    out.extend_from_slice(&base_id.0);
+    out.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bitmap);
+    out.extend_from_slice(&inner);
+    out
 }
 
 /// The base chunk a payload is a delta against, or `None` for a raw or zstd
 /// payload (which [`decode_chunk_payload`] decodes alone).
 pub fn payload_delta_base(payload: &[u8]) -> Result<Option<ChunkId>, CryptoError> {
     match payload.split_first() {
-        Some((&CHUNK_CODEC_ZSTD_DELTA, rest)) => rest
+        Some((&CHUNK_CODEC_DELTA, rest)) => rest
             .get(..ChunkId::LEN)
             .and_then(|b| ChunkId::from_slice(b).ok())
             .map(Some)
@@ -338,41 +336,51 @@ pub fn payload_delta_base(payload: &[u8]) -> Result<Option<ChunkId>, CryptoError
 /// Decodes a payload of [`encode_delta_payload`] given the plaintext of its
 /// base (see [`payload_delta_base`]); other payloads as
 /// [`decode_chunk_payload`] (ignoring `base`). Never produces more than
-/// [`MAX_CHUNK_SIZE`] bytes.
+/// [`MAX_CHUNK_SIZE`] bytes; a bitmap that does not match the data, or
+/// names a base block the base lacks, is an error.
 pub fn decode_delta_payload(payload: &[u8], base: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let Some((&CHUNK_CODEC_ZSTD_DELTA, rest)) = payload.split_first() else {
+    let Some((&CHUNK_CODEC_DELTA, rest)) = payload.split_first() else {
         return decode_chunk_payload(payload);
     };
-    let z = rest
-        .get(ChunkId::LEN..)
-        .ok_or_else(|| CryptoError::BadPayload("delta payload without its base id".into()))?;
-    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(z) {
-        if declared > MAX_CHUNK_SIZE as u64 {
-            return Err(CryptoError::TooLarge {
-                len: usize::try_from(declared).unwrap_or(usize::MAX),
-                max: MAX_CHUNK_SIZE,
-            });
-        }
+    let bad = |what: &str| CryptoError::BadPayload(format!("delta payload: {what}"));
+    let head = rest
+        .get(..ChunkId::LEN + 4)
+        .ok_or_else(|| bad("truncated header"))?;
+    let mut l = [0u8; 4];
+    l.copy_from_slice(&head[ChunkId::LEN..]);
+    let len = u32::from_le_bytes(l) as usize;
+    if len > MAX_CHUNK_SIZE {
+        return Err(CryptoError::TooLarge {
+            len,
+            max: MAX_CHUNK_SIZE,
+        });
     }
-    use zstd::zstd_safe::DCtx;
-    let bad = |c: usize| {
-        CryptoError::BadPayload(format!(
-            "zstd delta: {}",
-            zstd::zstd_safe::get_error_name(c)
-        ))
-    };
-    let mut dctx =
-        DCtx::try_create().ok_or_else(|| CryptoError::BadPayload("zstd context".into()))?;
-    dctx.ref_prefix(base).map_err(bad)?;
-    let mut out = Vec::with_capacity(
-        MAX_CHUNK_SIZE.min(
-            zstd::zstd_safe::get_frame_content_size(z)
-                .ok()
-                .flatten()
-                .map_or(MAX_CHUNK_SIZE, |n| n as usize),
-        ),
-    );
-    dctx.decompress(&mut out, z).map_err(bad)?;
+    let blocks = len.div_ceil(DELTA_BLOCK);
+    let rest = &rest[ChunkId::LEN + 4..];
+    let bitmap = rest
+        .get(..blocks.div_ceil(8))
+        .ok_or_else(|| bad("truncated bitmap"))?;
+    let changed = decode_chunk_payload(&rest[bitmap.len()..])?;
+    let mut out = Vec::with_capacity(len);
+    let mut next = 0usize;
+    for i in 0..blocks {
+        let at = i * DELTA_BLOCK;
+        let n = DELTA_BLOCK.min(len - at);
+        let src = if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            let b = changed
+                .get(next..next + n)
+                .ok_or_else(|| bad("fewer changed bytes than the bitmap names"))?;
+            next += n;
+            b
+        } else {
+            base.get(at..at + n)
+                .ok_or_else(|| bad("names a block beyond its base"))?
+        };
+        out.extend_from_slice(src);
+    }
+    if next != changed.len() {
+        return Err(bad("more changed bytes than the bitmap names"));
+    }
     Ok(out)
 }
 
@@ -381,7 +389,7 @@ pub fn decode_delta_payload(payload: &[u8], base: &[u8]) -> Result<Vec<u8>, Cryp
 /// refused: it needs its base ([`decode_delta_payload`]).
 pub fn decode_chunk_payload(payload: &[u8]) -> Result<Vec<u8>, CryptoError> {
     match payload.split_first() {
-        Some((&CHUNK_CODEC_ZSTD_DELTA, _)) => Err(CryptoError::BadPayload(
+        Some((&CHUNK_CODEC_DELTA, _)) => Err(CryptoError::BadPayload(
             "a delta payload cannot be decoded without its base chunk".into(),
         )),
         None => Err(CryptoError::BadPayload("empty payload".into())),
@@ -511,11 +519,11 @@ mod tests {
     fn delta_payload_round_trips_and_is_small_for_a_small_change() {
         let base = sample_chunk(1);
         let mut new = base.clone();
-        // One scattered 64 KiB write of other content.
+        // One scattered 64 KiB write of other content, not block aligned.
         new[300_000..300_000 + 65_536].copy_from_slice(&sample_chunk(2)[..65_536]);
         let base_id = ChunkId([7; 32]);
         let payload = encode_delta_payload(&new, &base_id, &base, 3);
-        assert_eq!(payload[0], CHUNK_CODEC_ZSTD_DELTA);
+        assert_eq!(payload[0], CHUNK_CODEC_DELTA);
         assert_eq!(payload_delta_base(&payload).unwrap(), Some(base_id));
         let plain = encode_chunk_payload(&new, 3);
         assert!(
@@ -536,33 +544,58 @@ mod tests {
     }
 
     #[test]
-    fn delta_falls_back_when_nothing_is_shared_and_base_bytes_are_raw_content() {
-        // Random data against an unrelated base: no gain, stored raw.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let new: Vec<u8> = (0..65_536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
-        let base = vec![0u8; 65_536];
+    fn delta_falls_back_when_most_changed_and_refuses_bad_bitmaps() {
+        // Everything differs: stored as a plain chunk.
+        let base = sample_chunk(5);
+        let new = sample_chunk(6);
         let p = encode_delta_payload(&new, &ChunkId([1; 32]), &base, 3);
-        assert_ne!(p[0], CHUNK_CODEC_ZSTD_DELTA);
-        assert_eq!(decode_delta_payload(&p, &base).unwrap(), new);
+        assert_ne!(p[0], CHUNK_CODEC_DELTA);
         assert_eq!(payload_delta_base(&p).unwrap(), None);
-        // A base that starts like a zstd dictionary is still raw content.
-        let mut base = sample_chunk(4);
-        base[..4].copy_from_slice(&0xEC30_A437u32.to_le_bytes());
-        let mut new = base.clone();
-        new[10] ^= 0xff;
-        let p = encode_delta_payload(&new, &ChunkId([2; 32]), &base, 3);
-        assert_eq!(p[0], CHUNK_CODEC_ZSTD_DELTA);
         assert_eq!(decode_delta_payload(&p, &base).unwrap(), new);
-        // A truncated delta payload is an error, not a panic.
+        // A chunk longer than its base (a grown last chunk): the blocks
+        // beyond the base travel in the delta.
+        let short = base[..100_000].to_vec();
+        let mut new = base[..110_000].to_vec();
+        new[5] ^= 1;
+        let p = encode_delta_payload(&new, &ChunkId([2; 32]), &short, 3);
+        assert_eq!(p[0], CHUNK_CODEC_DELTA);
+        assert_eq!(decode_delta_payload(&p, &short).unwrap(), new);
+        // ... and a base too short for the blocks it should supply fails.
+        assert!(decode_delta_payload(&p, &short[..50_000]).is_err());
+        // Damaged payloads are errors, not panics.
         assert!(payload_delta_base(&p[..10]).is_err());
-        assert!(decode_delta_payload(&p[..40], &base).is_err());
+        for cut in [1, 20, 33, 37, 40, p.len() - 1] {
+            assert!(
+                decode_delta_payload(&p[..cut], &short).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut flipped = p.clone();
+        flipped[1 + 32 + 4] ^= 0x80; // one more block named in the bitmap
+        assert!(decode_delta_payload(&flipped, &short).is_err());
+        let mut huge = p.clone();
+        huge[33..37].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_delta_payload(&huge, &short).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn delta_round_trips_any_edit(
+            seed in 0u64..1000,
+            len in 1usize..200_000,
+            base_len in 0usize..200_000,
+            edits in proptest::collection::vec((0usize..200_000, 1usize..9000, any::<u8>()), 0..6),
+        ) {
+            let base: Vec<u8> = sample_chunk(seed)[..base_len].to_vec();
+            let mut new: Vec<u8> = sample_chunk(seed)[..len].to_vec();
+            for (at, n, v) in edits {
+                let at = at % len;
+                let end = (at + n).min(len);
+                new[at..end].iter_mut().for_each(|b| *b = v);
+            }
+            let p = encode_delta_payload(&new, &ChunkId([3; 32]), &base, 1);
+            prop_assert_eq!(decode_delta_payload(&p, &base).unwrap(), new);
+        }
     }
 
     #[test]

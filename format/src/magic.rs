@@ -49,10 +49,11 @@ pub const CHUNK_CODEC_RAW: u8 = 0;
 pub const CHUNK_CODEC_ZSTD: u8 = 1;
 
 /// Payload flag byte of a sealed chunk stored as a delta: the rest is the
-/// keyed id of its base chunk (32 bytes), then one zstd frame compressed with
-/// the base chunk's plaintext as its prefix (a single-use raw dictionary).
-/// The base is never itself a delta.
-pub const CHUNK_CODEC_ZSTD_DELTA: u8 = 2;
+/// keyed id of its base chunk (32 bytes), the chunk length, a bitmap of the
+/// 4 KiB blocks that differ from the base, and those blocks as a raw or zstd
+/// payload (`crypto::encode_delta_payload`). The base is never itself a
+/// delta.
+pub const CHUNK_CODEC_DELTA: u8 = 2;
 
 /// Kind of a sealed object; its byte is the second byte of the AEAD associated
 /// data (after [`FORMAT_VERSION`]), so an object of one kind can never be opened

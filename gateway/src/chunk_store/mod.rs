@@ -589,54 +589,80 @@ impl ChunkStore {
             }
         };
         // A base that cannot be read (moved by GC, damaged) just means a
-        // plain chunk; verify reports damage.
+        // plain chunk; verify reports damage. Read outside the CPU permit:
+        // a cold read leaves the core to others.
         let base = match base {
-            Some((bid, loc)) => self.get_at(&bid, loc).await.ok().map(|b| (bid, b)),
+            Some((bid, loc)) => {
+                let shared = self.shared.clone();
+                blocking(move || shared.read_base(&bid, Some(loc)))
+                    .await?
+                    .ok()
+                    .map(|b| (bid, b))
+            }
             None => None,
         };
         let level = self.cfg.zstd_level;
         let raw_len = data.len() as u32;
+        if self.open_is_full() {
+            self.seal_pending(SealMode::IfFull).await?;
+        }
+        let (mut pack_id, key) = self.open_pack_id();
         let permit = self.cpu_permit().await?;
-        let payload = Arc::new(
-            blocking(move || match base {
+        // Encode and seal for the open pack in one hop to a blocking thread.
+        let (payload, mut sealed) = blocking(move || {
+            let payload = match base {
                 Some((bid, b)) => crypto::encode_delta_payload(&data, &bid, &b, level),
                 None => crypto::encode_chunk_payload(&data, level),
-            })
-            .await?,
-        );
+            };
+            let sealed = crypto::seal_chunk_payload(&key, &pack_id, &id, &payload);
+            (Arc::new(payload), sealed)
+        })
+        .await?;
         drop(permit);
         let delta_of = crypto::payload_delta_base(&payload).ok().flatten();
         loop {
+            if self.append_sealed(&pack_id, id, &sealed, raw_len, delta_of)? {
+                self.touches.touch([&id]);
+                // The chunk is pending through the open pack now; the claim
+                // guard's removal is harmless.
+                return Ok(PutOutcome::Stored {
+                    stored_bytes: sealed.len() as u64,
+                });
+            }
+            // The pack was sealed while we encrypted for it: seal again for
+            // the new one (zstd is not redone).
             if self.open_is_full() {
                 self.seal_pending(SealMode::IfFull).await?;
             }
-            let (pack_id, key) = self.open_pack_id();
+            let key;
+            (pack_id, key) = self.open_pack_id();
             let p = payload.clone();
-            let sealed =
-                blocking(move || crypto::seal_chunk_payload(&key, &pack_id, &id, &p)).await?;
-            let mut st = self.state();
-            match st.open.as_mut() {
-                Some(open) if *open.builder.id() == pack_id => {
-                    open.builder
-                        .append(id, &sealed, raw_len)
-                        .map_err(|e| StoreError::write(format!("pack {pack_id}"), e))?;
-                    open.ids.insert(id);
-                    if let Some(b) = delta_of {
-                        open.bases.insert(id, b);
-                    }
-                    drop(st);
-                    self.touches.touch([&id]);
-                    // The chunk is pending through the open pack now; the
-                    // claim guard's removal is harmless.
-                    return Ok(PutOutcome::Stored {
-                        stored_bytes: sealed.len() as u64,
-                    });
-                }
-                // The pack was sealed while we encrypted for it: seal again
-                // for the new one (zstd is not redone).
-                _ => {}
-            }
+            sealed = blocking(move || crypto::seal_chunk_payload(&key, &pack_id, &id, &p)).await?;
         }
+    }
+
+    /// Appends a record sealed for `pack_id` if that is still the open
+    /// pack (false: it was rotated meanwhile, seal again).
+    fn append_sealed(
+        &self,
+        pack_id: &PackId,
+        id: ChunkId,
+        sealed: &[u8],
+        raw_len: u32,
+        delta_of: Option<ChunkId>,
+    ) -> Result<bool, StoreError> {
+        let mut st = self.state();
+        let Some(open) = st.open.as_mut().filter(|o| o.builder.id() == pack_id) else {
+            return Ok(false);
+        };
+        open.builder
+            .append(id, sealed, raw_len)
+            .map_err(|e| StoreError::write(format!("pack {pack_id}"), e))?;
+        open.ids.insert(id);
+        if let Some(b) = delta_of {
+            open.bases.insert(id, b);
+        }
+        Ok(true)
     }
 
     /// The base a chunk `id` hinted at `hinted` would be stored against:
@@ -1070,7 +1096,7 @@ impl Shared {
                 "chunk {id} is a delta but serves as the base of another delta"
             )));
         }
-        let base_plain = self.read_base(&base).map_err(|e| {
+        let base_plain = self.read_base(&base, None).map_err(|e| {
             corrupt(format!(
                 "chunk {id} is a delta against chunk {base}, which cannot be read: {e}"
             ))
@@ -1079,18 +1105,24 @@ impl Shared {
             .map_err(|e| corrupt(format!("chunk {id}: {e}")))
     }
 
-    /// Blocking: the plaintext of the base chunk `base` of a delta (looked
-    /// up in the catalog, again once if GC moved it meanwhile); checked
-    /// against its id, and never itself a delta.
-    fn read_base(&self, base: &ChunkId) -> Result<Vec<u8>, StoreError> {
+    /// Blocking: the plaintext of the base chunk `base` of a delta, read at
+    /// `at` or where the catalog says (again once if GC moved it meanwhile);
+    /// never itself a delta. Only its tag and length are checked, not its
+    /// id: whoever decodes a delta checks the delta's own plaintext against
+    /// the delta's id, which covers the base bytes it used.
+    fn read_base(&self, base: &ChunkId, at: Option<ChunkLocation>) -> Result<Vec<u8>, StoreError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|e| {
             StoreError::Internal(format!("no runtime to look up a delta base: {e}"))
         })?;
         let mut last = None;
+        let mut at = at;
         for _ in 0..2 {
-            let loc = rt
-                .block_on(self.catalog.chunk_location(base))?
-                .ok_or(StoreError::NotFound(*base))?;
+            let loc = match at.take() {
+                Some(loc) => loc,
+                None => rt
+                    .block_on(self.catalog.chunk_location(base))?
+                    .ok_or(StoreError::NotFound(*base))?,
+            };
             if last == Some(loc) {
                 break;
             }
@@ -1104,7 +1136,13 @@ impl Shared {
             };
             let payload = self.open_payload(base, &loc, &sealed)?;
             let plain = self.decode_payload(base, &loc, &payload, false)?;
-            self.check_plain(base, &loc, &plain)?;
+            if plain.len() != loc.raw_len as usize {
+                return Err(StoreError::Corrupt {
+                    pack: loc.pack_id,
+                    offset: loc.offset,
+                    reason: format!("delta base {base} has the wrong length"),
+                });
+            }
             return Ok(plain);
         }
         Err(StoreError::Io {
@@ -1149,7 +1187,7 @@ impl Shared {
         loc: &ChunkLocation,
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        if payload.first() != Some(&tierback_format::magic::CHUNK_CODEC_ZSTD_DELTA) {
+        if payload.first() != Some(&tierback_format::magic::CHUNK_CODEC_DELTA) {
             return Ok(payload);
         }
         let plain = self.decode_payload(id, loc, &payload, true)?;
