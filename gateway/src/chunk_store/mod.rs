@@ -996,6 +996,22 @@ impl ChunkStore {
 }
 
 /// A pack that cannot be opened: missing is damage, anything else is I/O.
+/// Checks a decoded chunk's length against the catalog's.
+fn check_len(id: &ChunkId, loc: &ChunkLocation, plain: &[u8]) -> Result<(), StoreError> {
+    if plain.len() == loc.raw_len as usize {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        pack: loc.pack_id,
+        offset: loc.offset,
+        reason: format!(
+            "chunk {id} holds {} bytes, the catalog says {}",
+            plain.len(),
+            loc.raw_len
+        ),
+    })
+}
+
 fn pack_open_error(loc: &ChunkLocation, e: io::Error) -> StoreError {
     if e.kind() == io::ErrorKind::NotFound {
         StoreError::Corrupt {
@@ -1136,13 +1152,7 @@ impl Shared {
             };
             let payload = self.open_payload(base, &loc, &sealed)?;
             let plain = self.decode_payload(base, &loc, &payload, false)?;
-            if plain.len() != loc.raw_len as usize {
-                return Err(StoreError::Corrupt {
-                    pack: loc.pack_id,
-                    offset: loc.offset,
-                    reason: format!("delta base {base} has the wrong length"),
-                });
-            }
+            check_len(base, &loc, &plain)?;
             return Ok(plain);
         }
         Err(StoreError::Io {
@@ -1169,18 +1179,13 @@ impl Shared {
                 "chunk {id}: content does not match its id (content gives {actual})"
             )));
         }
-        if plain.len() != loc.raw_len as usize {
-            return Err(corrupt(format!(
-                "chunk {id} holds {} bytes, the catalog says {}",
-                plain.len(),
-                loc.raw_len
-            )));
-        }
-        Ok(())
+        check_len(id, loc, plain)
     }
 
-    /// A delta payload as the raw payload of its plaintext (checked against
-    /// the id): restore clients decode payloads alone. Others unchanged.
+    /// A delta payload as the raw payload of its plaintext: restore clients
+    /// decode payloads alone. Others unchanged. Like every payload on this
+    /// path it is checked by its tag (and its base by the base's tag), not
+    /// re-hashed against its id (`verify` does that).
     fn undelta_payload(
         &self,
         id: &ChunkId,
@@ -1191,7 +1196,7 @@ impl Shared {
             return Ok(payload);
         }
         let plain = self.decode_payload(id, loc, &payload, true)?;
-        self.check_plain(id, loc, &plain)?;
+        check_len(id, loc, &plain)?;
         let mut raw = Vec::with_capacity(1 + plain.len());
         raw.push(tierback_format::magic::CHUNK_CODEC_RAW);
         raw.extend_from_slice(&plain);

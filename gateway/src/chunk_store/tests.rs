@@ -845,3 +845,37 @@ async fn a_hinted_chunk_is_stored_as_a_small_delta_and_reads_back() {
     let r = f.store.verify(None).await.expect("verify");
     assert!(r.damaged.is_empty(), "{r:?}");
 }
+
+#[tokio::test]
+async fn a_delta_whose_base_is_gone_is_named_as_damaged() {
+    let f = fixture(StoreConfig::default()).await;
+    let base = noise(1, 1 << 20);
+    put_ok(&f.store, &base).await;
+    f.store.flush().await.expect("flush");
+    let day2 = changed(&base, 0, 2);
+    let h2 = ChunkHash::of(&day2);
+    f.store
+        .put_with_base(h2, day2.clone(), Some(ChunkHash::of(&base)))
+        .await
+        .expect("put");
+    f.store.flush().await.expect("flush");
+    let (bid, id2) = (
+        f.store.chunk_id(&ChunkHash::of(&base)),
+        f.store.chunk_id(&h2),
+    );
+    commit(&f, PointId([1; 16]), "vm", &[vec![id2]]).await;
+    // Lose the base's row (as a damaged catalog would).
+    sqlx::query("DELETE FROM chunks WHERE id = ?")
+        .bind(&bid.0[..])
+        .execute(&f.catalog.pool)
+        .await
+        .expect("delete");
+    let err = f.store.get(&id2).await.expect_err("base gone");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&id2.to_string()) && msg.contains(&bid.to_string()),
+        "{msg}"
+    );
+    let r = f.store.verify(None).await.expect("verify");
+    assert!(r.damaged.iter().any(|d| d.chunk_id == id2), "{r:?}");
+}
