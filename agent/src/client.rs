@@ -28,11 +28,12 @@ pub fn chunk_record_parts(
     parts: &mut Vec<bytes::Bytes>,
     hash: &ChunkHash,
     base: Option<&ChunkHash>,
-    data: Vec<u8>,
+    data: impl Into<bytes::Bytes>,
 ) {
+    let data = data.into();
     let head = tierback_format::wire::chunk_record_head(hash, base, data.len());
     parts.push(head.into());
-    parts.push(data.into());
+    parts.push(data);
 }
 
 /// A connection to the gateway (cheap to clone: clones share the pool).
