@@ -75,7 +75,7 @@ pub use verify::{DamagedChunk, VerifyReport};
 pub struct StoreConfig {
     /// A pack is sealed once it reaches this many bytes (default 64 MiB).
     pub pack_target_size: u64,
-    /// zstd level for chunk payloads (default 3).
+    /// zstd level for chunk payloads (default 1).
     pub zstd_level: i32,
 }
 
