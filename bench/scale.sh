@@ -4,6 +4,10 @@
 #   bench/scale.sh                      # 20 M entries in /tmp/tierback-scale
 #   ENTRIES=80000000 bench/scale.sh     # the reference scale (~11 GiB, hours)
 #   bench/scale.sh --reuse              # keep an existing catalog, re-measure
+#   bench/scale.sh --fast-fill --measure-packs 0 --insert-only
+#                                       # inserts only: bench-only bulk load
+#                                       # (~5 min at 20 M), then the insert
+#                                       # sweep; repeat with --reuse
 #
 # Extra arguments go to the example (see gateway/examples/scale.rs for flags).
 # Needs python3 (posix_fadvise to drop the page cache without root) and, for
