@@ -5,12 +5,15 @@
 //! caller's buffer or `Write`, every decoder reads a caller's bytes or `Read`.
 //! It must never depend on tokio, sqlx or anything that does I/O by itself, so
 //! that the agent and the gateway agree on formats by linking the same code.
+//! One process setting lives here too because both binaries share it: the
+//! allocator thresholds of [`malloc`].
 
 pub mod crypto;
 pub mod ids;
 pub mod index;
 pub mod keyfile;
 pub mod magic;
+pub mod malloc;
 pub mod pack;
 #[cfg(feature = "pin")]
 pub mod pin;

@@ -179,6 +179,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    tierback_format::malloc::tune();
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()

@@ -1266,7 +1266,7 @@ impl Shared {
         /// keeps (blocking threads end when idle): four sealed 1 MiB chunks.
         const MAX_SPAN: u64 = 5 << 20;
         thread_local! {
-            static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            static SPAN: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
         }
         let mut out = Vec::with_capacity(chunks.len());
         let mut i = 0;
@@ -1294,22 +1294,13 @@ impl Shared {
             }
             let done = SPAN.with(|span| {
                 let mut span = span.borrow_mut();
-                if span.len() < span_len {
-                    span.resize(span_len, 0);
-                }
-                let file = self.handles.get(&self.layout, &first.pack_id).ok()?;
-                std::os::unix::fs::FileExt::read_exact_at(
-                    &*file,
-                    &mut span[..span_len],
-                    first.offset,
-                )
-                .ok()?;
+                let bytes = self.read_span(&mut span, &first.pack_id, first.offset, span_len)?;
                 Some(
                     group
                         .iter()
                         .map(|(id, loc)| {
                             let at = (loc.offset - first.offset) as usize;
-                            self.open_payload(id, loc, &span[at..at + loc.len as usize])
+                            self.open_payload(id, loc, &bytes[at..at + loc.len as usize])
                                 .and_then(|p| self.undelta_payload(id, loc, p))
                         })
                         .collect::<Vec<_>>(),
@@ -1321,6 +1312,28 @@ impl Shared {
             }
         }
         out
+    }
+
+    /// Blocking: `len` bytes at `offset` of pack `id`, read around the page
+    /// cache where the file system allows (else buffered) into `buf`.
+    /// `None` if the read failed (the caller reads record by record, which
+    /// names the error).
+    fn read_span<'a>(
+        &self,
+        buf: &'a mut files::AlignedBuf,
+        id: &PackId,
+        offset: u64,
+        len: usize,
+    ) -> Option<&'a [u8]> {
+        let at = match self.handles.read_direct(&self.layout, id, offset, len, buf) {
+            Ok(Some(at)) => at,
+            Ok(None) => {
+                let file = self.handles.get(&self.layout, id).ok()?;
+                buf.read_buffered(&file, offset, len).ok()?
+            }
+            Err(_) => return None,
+        };
+        Some(buf.bytes(at, len))
     }
 
     /// Blocking: reads and opens one index.
