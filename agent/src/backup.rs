@@ -428,6 +428,9 @@ struct StreamPlan {
     prev: Option<Arc<Vec<ChunkHash>>>,
     /// Chunks not read keep their previous hash (only changed ones are read).
     carry: bool,
+    /// Base hints for uploads: what each place held in the previous point,
+    /// with no hint (the zero marker) where a chunk was mostly rewritten.
+    hints: Option<Arc<Vec<ChunkHash>>>,
 }
 
 /// A batch of read chunks on its way to the uploader.
@@ -545,12 +548,14 @@ async fn run_session(
                     read: p.read.clone(),
                     prev: p.prev.clone(),
                     carry: !matches!(p.method, Method::Full | Method::Compare),
+                    hints: base_hints(p.prev.as_ref(), &p.rewritten),
                 }
             }
             None => StreamPlan {
                 read: chunks_of_ranges(&[(0, src.size())], cs, src.size()),
                 prev: None,
                 carry: false,
+                hints: None,
             },
         };
         let touched: u64 = plan.read.iter().map(|n| cs.min(src.size() - n * cs)).sum();
@@ -563,8 +568,7 @@ async fn run_session(
     // upload bodies in flight (see `Uploader`).
     let lack_batch = lack_batch(opts, cs);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Batch>>(1);
-    // What each place held in the previous point: base hints for uploads.
-    let prevs: Vec<Option<Arc<Vec<ChunkHash>>>> = plans.iter().map(|p| p.prev.clone()).collect();
+    let hints: Vec<Option<Arc<Vec<ChunkHash>>>> = plans.iter().map(|p| p.hints.clone()).collect();
     let reader = {
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || read_all(&sources, &plans, cs, lack_batch, &tx))
@@ -601,8 +605,8 @@ async fn run_session(
             }
             rep.chunks += batch.chunks.len() as u64;
             idx.extend(batch.chunks.iter().map(|(n, h, _)| (*n, *h)));
-            let prev = prevs.get(stream).and_then(|p| p.as_deref());
-            offer(&mut up, batch.chunks, prev.map(Vec::as_slice), &mut rep).await?;
+            let hint = hints.get(stream).and_then(|p| p.as_deref());
+            offer(&mut up, batch.chunks, hint.map(Vec::as_slice), &mut rep).await?;
         }
         up.finish(&mut rep).await
     }
@@ -736,14 +740,33 @@ impl Uploader {
     }
 }
 
+/// The previous hashes as base hints, without those of `rewritten` chunks.
+fn base_hints(
+    prev: Option<&Arc<Vec<ChunkHash>>>,
+    rewritten: &[u64],
+) -> Option<Arc<Vec<ChunkHash>>> {
+    let prev = prev?;
+    if rewritten.is_empty() {
+        return Some(prev.clone());
+    }
+    let mut hints = prev.as_ref().clone();
+    for &n in rewritten {
+        if let Some(h) = usize::try_from(n).ok().and_then(|n| hints.get_mut(n)) {
+            *h = DELTA_ZERO_HASH;
+        }
+    }
+    Some(Arc::new(hints))
+}
+
 /// Asks the gateway which of `chunks` it lacks and queues those for upload;
-/// the buffers of the others are freed at once. `prev`: the stream's hashes
-/// in the previous point, by chunk number; an upload names the one its place
-/// held as a base hint (the gateway may store a delta against it).
+/// the buffers of the others are freed at once. `hints`: the stream's
+/// hashes in the previous point, by chunk number (the zero marker: none); an
+/// upload names the one its place held as a base hint (the gateway may store
+/// a delta against it).
 async fn offer(
     up: &mut Uploader,
     chunks: Vec<(u64, ChunkHash, bytes::Bytes)>,
-    prev: Option<&[ChunkHash]>,
+    hints: Option<&[ChunkHash]>,
     rep: &mut BackupReport,
 ) -> anyhow::Result<()> {
     let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.1).collect();
@@ -765,7 +788,7 @@ async fn offer(
         body_len += data.len() + 36;
         rep.bytes_sent += data.len() as u64;
         rep.sent_chunks += 1;
-        let base = prev
+        let base = hints
             .and_then(|p| p.get(usize::try_from(n).ok()?))
             .filter(|b| **b != DELTA_ZERO_HASH && **b != h);
         body_len += base.map_or(0, |_| 32);

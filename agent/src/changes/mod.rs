@@ -70,6 +70,43 @@ pub fn chunks_of_ranges(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Ve
     out
 }
 
+/// Chunk numbers more than half covered by `ranges` (in any order, maybe
+/// overlapping), ascending; ranges beyond `size` are clipped.
+pub fn rewritten_chunks(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Vec<u64> {
+    let mut sorted: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|&&(off, len)| len > 0 && off < size)
+        .map(|&(off, len)| (off, off.saturating_add(len).min(size)))
+        .collect();
+    sorted.sort_unstable();
+    // Merged, so overlapping reports do not count twice.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (start, end) in sorted {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let mut covered: Vec<(u64, u64)> = Vec::new(); // (chunk, bytes)
+    for (start, end) in merged {
+        let mut at = start;
+        while at < end {
+            let n = at / chunk_size;
+            let upto = ((n + 1) * chunk_size).min(end);
+            match covered.last_mut() {
+                Some(c) if c.0 == n => c.1 += upto - at,
+                _ => covered.push((n, upto - at)),
+            }
+            at = upto;
+        }
+    }
+    covered
+        .into_iter()
+        .filter(|&(n, bytes)| bytes * 2 > chunk_size.min(size - n * chunk_size))
+        .map(|(n, _)| n)
+        .collect()
+}
+
 /// Hex text of a DataWriteGuid as recorded.
 pub fn guid_text(g: [u8; 16]) -> String {
     hex::encode(g)
@@ -159,6 +196,11 @@ pub struct DiskPlan {
     /// The previous point's hashes (by chunk number): the stream is uploaded
     /// as a delta against `base_stream`. `None`: complete index.
     pub prev: Option<Arc<Vec<ChunkHash>>>,
+    /// Chunks the change source reports more than half rewritten, ascending:
+    /// uploaded without a base hint, since a delta against their old content
+    /// would not be smaller and the gateway would read and decode that base
+    /// for nothing.
+    pub rewritten: Vec<u64>,
     pub base_stream: Option<u32>,
     pub alerts: Vec<String>,
     pub sample_chunks: u64,
@@ -198,6 +240,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
         reason,
         read: allocated.clone(),
         prev: None,
+        rewritten: Vec::new(),
         base_stream: None,
         alerts: Vec::new(),
         sample_chunks: 0,
@@ -223,6 +266,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
         reason: Some(reason),
         read: allocated.clone(),
         prev: Some(prev.hashes.clone()),
+        rewritten: Vec::new(),
         base_stream: Some(rec.stream_no),
         alerts,
         sample_chunks: sample.0,
@@ -236,6 +280,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
             reason: None,
             read: Vec::new(),
             prev: Some(prev.hashes.clone()),
+            rewritten: Vec::new(),
             base_stream: Some(rec.stream_no),
             alerts: Vec::new(),
             sample_chunks: 0,
@@ -307,6 +352,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
                     method,
                     health: Health::Tracking,
                     reason: None,
+                    rewritten: rewritten_chunks(&ranges, cs, size),
                     read,
                     prev: Some(prev.hashes.clone()),
                     base_stream: Some(rec.stream_no),
@@ -386,6 +432,35 @@ mod tests {
             &[&src],
         )
         .expect("plan")
+    }
+
+    #[test]
+    fn rewritten_chunks_are_those_more_than_half_covered() {
+        const M: u64 = 1 << 20;
+        let size = 4 * M + M / 4; // a short last chunk (4) of 256 KiB
+        let ranges = [
+            // chunk 0: 600 KiB in two overlapping reports (counted once: 600 KiB).
+            (0, 400 << 10),
+            (200 << 10, 400 << 10),
+            // chunk 1: exactly half is not "more than half".
+            (M, M / 2),
+            // chunks 2 and 3: one run over the boundary, 3/4 of 2 and 1/4 of 3.
+            (2 * M + M / 4, M),
+            // chunk 4: 200 of its 256 KiB, the report running past the end.
+            (4 * M + (56 << 10), 10 * M),
+            // beyond the end: ignored.
+            (9 * M, M),
+        ];
+        assert_eq!(rewritten_chunks(&ranges, M, size), vec![0, 2, 4]);
+        // Order of the reports does not matter.
+        let mut rev = ranges.to_vec();
+        rev.reverse();
+        assert_eq!(rewritten_chunks(&rev, M, size), vec![0, 2, 4]);
+        assert!(rewritten_chunks(&[], M, size).is_empty());
+        assert_eq!(
+            rewritten_chunks(&[(0, u64::MAX)], M, size),
+            vec![0, 1, 2, 3, 4]
+        );
     }
 
     #[test]
