@@ -436,15 +436,8 @@ async fn a_delta_keeps_its_base_alive_until_the_delta_is_gone() {
     let f = fixture(StoreConfig::default()).await;
     let base = noise(1, 1 << 20);
     let bid = stored(&f.store, std::slice::from_ref(&base)).await[0];
-    let mut v = base.to_vec();
-    v[4096..4096 + 65_536].copy_from_slice(&noise(2, 65_536));
-    let day2 = Bytes::from(v);
-    let h2 = ChunkHash::of(&day2);
-    f.store
-        .put_with_base(h2, day2.clone(), Some(ChunkHash::of(&base)))
-        .await
-        .expect("put");
-    f.store.flush().await.expect("flush");
+    let day2 = changed(&base, 4096, 2);
+    let h2 = put_delta(&f.store, &day2, &base).await;
     let id2 = f.store.chunk_id(&h2);
     let (p1, p2) = (PointId([1; 16]), PointId([2; 16]));
     commit(&f, p1, "vm", &[vec![bid]]).await;

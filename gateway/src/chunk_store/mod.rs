@@ -995,7 +995,6 @@ impl ChunkStore {
     }
 }
 
-/// A pack that cannot be opened: missing is damage, anything else is I/O.
 /// Checks a decoded chunk's length against the catalog's.
 fn check_len(id: &ChunkId, loc: &ChunkLocation, plain: &[u8]) -> Result<(), StoreError> {
     if plain.len() == loc.raw_len as usize {
@@ -1012,6 +1011,7 @@ fn check_len(id: &ChunkId, loc: &ChunkLocation, plain: &[u8]) -> Result<(), Stor
     })
 }
 
+/// A pack that cannot be opened: missing is damage, anything else is I/O.
 fn pack_open_error(loc: &ChunkLocation, e: io::Error) -> StoreError {
     if e.kind() == io::ErrorKind::NotFound {
         StoreError::Corrupt {

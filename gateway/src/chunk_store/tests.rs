@@ -761,10 +761,21 @@ async fn concurrent_puts_rotate_packs_and_store_each_chunk_once() {
 }
 
 /// `base` with 64 KiB of other bytes written at `at`, as a day's change.
-fn changed(base: &Bytes, at: usize, seed: u64) -> Bytes {
+pub(super) fn changed(base: &Bytes, at: usize, seed: u64) -> Bytes {
     let mut v = base.to_vec();
     v[at..at + 65_536].copy_from_slice(&noise(seed, 65_536));
     Bytes::from(v)
+}
+
+/// Stores `data` hinted at `base` and flushes; returns its hash.
+pub(super) async fn put_delta(store: &ChunkStore, data: &Bytes, base: &Bytes) -> ChunkHash {
+    let h = ChunkHash::of(data);
+    store
+        .put_with_base(h, data.clone(), Some(ChunkHash::of(base)))
+        .await
+        .expect("put");
+    store.flush().await.expect("flush");
+    h
 }
 
 #[tokio::test]
@@ -853,12 +864,7 @@ async fn a_delta_whose_base_is_gone_is_named_as_damaged() {
     put_ok(&f.store, &base).await;
     f.store.flush().await.expect("flush");
     let day2 = changed(&base, 0, 2);
-    let h2 = ChunkHash::of(&day2);
-    f.store
-        .put_with_base(h2, day2.clone(), Some(ChunkHash::of(&base)))
-        .await
-        .expect("put");
-    f.store.flush().await.expect("flush");
+    let h2 = put_delta(&f.store, &day2, &base).await;
     let (bid, id2) = (
         f.store.chunk_id(&ChunkHash::of(&base)),
         f.store.chunk_id(&h2),
