@@ -299,14 +299,14 @@ pub async fn chunks(
     Ok(Json(resp))
 }
 
-/// Stores every chunk record of an upload body (each re-hashed by the
-/// store). Chunks of one request are stored concurrently (the store bounds
-/// the CPU work to one chunk per core and serialises only the append to the
-/// open pack).
 /// Chunks of one upload request in flight at once (each holds a slice of the
 /// request body and its compressed copy).
 const MAX_PUTS_PER_REQUEST: usize = 16;
 
+/// Stores every chunk record of an upload body (each re-hashed by the
+/// store). Chunks of one request are stored concurrently (the store bounds
+/// the CPU work to one chunk per core and serialises only the append to the
+/// open pack).
 pub(crate) async fn store_chunk_records(
     st: &SharedState,
     body: &Bytes,

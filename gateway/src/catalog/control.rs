@@ -227,13 +227,7 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    async fn catalog() -> (tempfile::TempDir, Catalog) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(&dir.path().join("catalog.db"))
-            .await
-            .expect("open");
-        (dir, c)
-    }
+    use crate::catalog::test_catalog as catalog;
 
     #[tokio::test]
     async fn enrolment_token_is_single_use_and_expires() {

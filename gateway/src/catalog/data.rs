@@ -414,7 +414,12 @@ impl Catalog {
                 .iter()
                 .flat_map(|(_, c)| c.iter().map(|c| &c.chunk_id)),
         );
-        let mut tx = self.pool.begin().await?;
+        // The chunk writer (synchronous = NORMAL, see `Catalog::open`).
+        let mut writer = self.chunk_writer.lock().await;
+        let conn = writer
+            .as_mut()
+            .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
+        let mut tx = sqlx::Connection::begin(conn).await?;
         for (pack, chunks) in packs {
             sqlx::query(
                 "INSERT OR IGNORE INTO packs (id, size, created_at, state) VALUES (?, ?, ?, 'sealed')",
@@ -445,7 +450,9 @@ impl Catalog {
             }
         }
         tx.commit().await?;
+        drop(writer);
         drop(guard);
+        self.checkpointer.poke();
         self.chunk_filter.maybe_rebuild(&self.pool);
         Ok(())
     }
@@ -735,13 +742,7 @@ mod tests {
 
     use super::*;
 
-    async fn catalog() -> (tempfile::TempDir, Catalog) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(&dir.path().join("catalog.db"))
-            .await
-            .expect("open catalog");
-        (dir, c)
-    }
+    use crate::catalog::test_catalog as catalog;
 
     fn entry(id: u8, offset: u64) -> TocEntry {
         TocEntry {
@@ -978,8 +979,8 @@ mod tests {
 
         // Before a filter is built every id goes to SQL, still exactly.
         let unbuilt = Catalog {
-            pool: c.pool.clone(),
             chunk_filter: Arc::default(),
+            ..c.clone()
         };
         assert!(!unbuilt.chunk_filter_status().ready);
         assert_exact(&unbuilt, &kept, &gone).await;

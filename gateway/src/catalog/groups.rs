@@ -323,10 +323,7 @@ mod tests {
     use tierback_format::ids::PointId;
 
     async fn catalog() -> (tempfile::TempDir, Catalog) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(&dir.path().join("catalog.db"))
-            .await
-            .expect("open");
+        let (dir, c) = crate::catalog::test_catalog().await;
         c.add_enroll_token(b"t", now_secs() + 60)
             .await
             .expect("tok");

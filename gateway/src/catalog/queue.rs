@@ -270,10 +270,7 @@ mod tests {
     use crate::policy::GroupPolicy;
 
     async fn catalog() -> (tempfile::TempDir, Catalog) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let c = Catalog::open(&dir.path().join("catalog.db"))
-            .await
-            .expect("open");
+        let (dir, c) = crate::catalog::test_catalog().await;
         for (tok, agent) in [(b"t1", "a1"), (b"t2", "a2")] {
             c.add_enroll_token(tok, now_secs() + 60).await.expect("tok");
             c.enroll_agent(tok, agent, "hv", b"s").await.expect("enrol");

@@ -15,6 +15,10 @@
 //!   its directory fsynced; only THEN are the pack and its chunks recorded in
 //!   the catalog, in one transaction. A chunk is "durable" exactly when it has
 //!   a catalog row ([`ChunkStore::missing`] answers from the catalog only).
+//!   That transaction commits with `synchronous = NORMAL` (the catalog's
+//!   chunk writer): a power loss may take the row back, but only together
+//!   with every later commit, so never from under a committed point (whose
+//!   `FULL` commit fsyncs the WAL up to itself); see `Catalog::open`.
 //! * [`ChunkStore::flush`] returns only when every chunk put before it is
 //!   durable and catalogued (rule 1); indexes are written the same way by
 //!   [`ChunkStore::write_index`] before the point is committed (rule 2).
