@@ -73,23 +73,11 @@ pub fn chunks_of_ranges(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Ve
 /// Chunk numbers more than half covered by `ranges` (in any order, maybe
 /// overlapping), ascending; ranges beyond `size` are clipped.
 pub fn rewritten_chunks(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Vec<u64> {
-    let mut sorted: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter(|&&(off, len)| len > 0 && off < size)
-        .map(|&(off, len)| (off, off.saturating_add(len).min(size)))
-        .collect();
-    sorted.sort_unstable();
-    // Merged, so overlapping reports do not count twice.
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
-    for (start, end) in sorted {
-        match merged.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
-        }
-    }
     let mut covered: Vec<(u64, u64)> = Vec::new(); // (chunk, bytes)
-    for (start, end) in merged {
-        let mut at = start;
+                                                   // Merged first, so overlapping reports do not count twice.
+    for (off, len) in crate::disk::merge_ranges(ranges.to_vec()) {
+        let end = off.saturating_add(len).min(size);
+        let mut at = off;
         while at < end {
             let n = at / chunk_size;
             let upto = ((n + 1) * chunk_size).min(end);

@@ -21,16 +21,19 @@
 //!   trims the file).
 //!
 //! Durability does not depend on this task: commits are durable in the WAL
-//! (`synchronous = FULL`), a checkpoint only moves pages into the main file,
-//! and a crash before it leaves a WAL that the next open replays. The task
-//! ends when the last [`Catalog`](super::Catalog) clone is dropped or the
-//! pool is closed; closing the pool checkpoints the WAL one last time.
+//! (`synchronous = FULL`; the chunk writer's NORMAL commits with the next
+//! FULL commit, see `Catalog::open`), a checkpoint only moves pages into the
+//! main file, and a crash before it leaves a WAL that the next open
+//! replays. The task ends when the last [`Catalog`](super::Catalog) clone is
+//! dropped or the pool is closed; closing the pool checkpoints the WAL one
+//! last time.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The chunk writer's connection, shared with `Catalog`.
 pub(crate) type Writer = Arc<Mutex<Option<SqliteConnection>>>;
@@ -56,18 +59,18 @@ const SHORT_TAIL: i64 = 1024;
 #[derive(Debug)]
 pub(crate) struct Checkpointer {
     wake: Arc<Notify>,
-    stop: Arc<Notify>,
+    _stop: DropGuard,
 }
 
 impl Checkpointer {
     /// Starts the task for `pool` on the current runtime.
     pub(crate) fn spawn(pool: SqlitePool, writer: Writer) -> Checkpointer {
-        let (wake, stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());
         let (w, s) = (wake.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = s.notified() => break,
+                    _ = s.cancelled() => break,
                     _ = w.notified() => tokio::time::sleep(POKE_DELAY).await,
                     _ = tokio::time::sleep(IDLE_PERIOD) => {}
                 }
@@ -82,18 +85,15 @@ impl Checkpointer {
                 }
             }
         });
-        Checkpointer { wake, stop }
+        Checkpointer {
+            wake,
+            _stop: stop.drop_guard(),
+        }
     }
 
     /// Asks for a checkpoint soon (after a write of many pages).
     pub(crate) fn poke(&self) {
         self.wake.notify_one();
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop.notify_one();
     }
 }
 

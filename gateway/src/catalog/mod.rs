@@ -77,7 +77,8 @@ impl Catalog {
     /// power loss can lose only rows no committed point names yet; their
     /// pack files are then uncatalogued garbage for GC, and agents send the
     /// chunks again, as after a crash between seal and catalog. GC, points
-    /// and everything else stay FULL. +30 % inserts/s (docs/scale.md).
+    /// and everything else stay FULL. With the background checkpoints:
+    /// 16-23 k -> 22-35 k inserts/s (docs/scale.md, third insert pass).
     pub async fn open(path: &Path) -> Result<Self> {
         let opts = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
@@ -95,7 +96,7 @@ impl Catalog {
             // reads about one leaf page (docs/scale.md).
             .pragma("cache_size", "-32768")
             // No commit checkpoints: `checkpoint.rs` does it on its own task
-            // (+40-60 % chunk inserts/s, docs/scale.md).
+            // (docs/scale.md, third insert pass).
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
