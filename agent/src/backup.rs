@@ -350,6 +350,10 @@ pub async fn backup_vm(
         full: opts.full,
         base_point: bases.base_point.clone(),
     };
+    tracing::debug!(
+        seconds = start.elapsed().as_secs_f64(),
+        "backup: sources opened, base found"
+    );
     let begin = match client.begin(&req).await {
         Err(e) if is_conflict(&e) && req.base_point.is_some() => {
             // The base cannot be used (gone, other chunk size): read in full.
@@ -370,6 +374,10 @@ pub async fn backup_vm(
         r => r?,
     };
     let sid = begin.session_id.clone();
+    tracing::debug!(
+        seconds = start.elapsed().as_secs_f64(),
+        "backup: session begun"
+    );
     let r = run_session(
         client,
         &sid,
@@ -386,6 +394,7 @@ pub async fn backup_vm(
             rep.vm_id = info.id.clone();
             rep.vm_name = info.name.clone();
             rep.seconds = start.elapsed().as_secs_f64();
+            tracing::debug!(seconds = rep.seconds, "backup: point committed");
             let record = VmRecord {
                 point: rep.point.clone(),
                 disks: record,
@@ -471,6 +480,7 @@ async fn run_session(
     opts: &BackupOptions,
 ) -> anyhow::Result<SessionOutput> {
     let cs = chunk_size as u64;
+    let t0 = Instant::now();
     let ndisks = bases.prev.len();
     for (i, p) in bases.prev.iter().enumerate() {
         if let Some((rec, _)) = p {
@@ -521,6 +531,10 @@ async fn run_session(
         .await
         .context("the planning thread failed")??
     };
+    tracing::debug!(
+        seconds = t0.elapsed().as_secs_f64(),
+        "session: disks planned"
+    );
     let mut rep = BackupReport {
         base_point: bases.base_point.clone(),
         ..BackupReport::default()
@@ -617,10 +631,18 @@ async fn run_session(
     let read_result = reader.await.context("the disk reader thread failed")?;
     upload?;
     read_result?;
+    tracing::debug!(
+        seconds = t0.elapsed().as_secs_f64(),
+        "session: chunks read and uploaded"
+    );
     for (stream, entries) in indexes.iter_mut().enumerate() {
         entries.sort_unstable_by_key(|e| e.0);
         client.stream_index(sid, stream as u32, entries).await?;
     }
+    tracing::debug!(
+        seconds = t0.elapsed().as_secs_f64(),
+        "session: indexes sent"
+    );
     let commit = CommitRequest {
         bytes_read: rep.bytes_read,
         bytes_sent: rep.bytes_sent,

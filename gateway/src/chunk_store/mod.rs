@@ -913,7 +913,7 @@ impl ChunkStore {
     }
 
     /// [`Self::get_payload_at`] for several chunks, in order, on ONE blocking
-    /// thread; records lying back to back in one pack (as a backup writes
+    /// thread; records lying close together in one pack (as a backup writes
     /// them) are read with one pread. A chunk that fails is tried again alone
     /// through `get_payload_at` (GC may have moved it), so each result is
     /// what `get_payload_at` would give.
@@ -997,6 +997,45 @@ impl ChunkStore {
     pub async fn verify(&self, points: Option<&[PointId]>) -> Result<VerifyReport, StoreError> {
         verify::run(self, points).await
     }
+}
+
+/// Longest span [`Shared::read_payloads`] reads at once, and so the most a
+/// blocking thread keeps (blocking threads end when idle): four sealed 1 MiB
+/// chunks.
+const MAX_READ_SPAN: u64 = 5 << 20;
+
+/// Bytes between two records of one pack that a span reads through rather
+/// than read apart: a quarter of a sealed 1 MiB chunk.
+const READ_GAP: u64 = 256 << 10;
+
+/// `order` (indexes into `chunks`, sorted by pack and offset) cut into
+/// groups read as one span: same pack, each record starting at most
+/// [`READ_GAP`] past the span so far, the span at most [`MAX_READ_SPAN`]
+/// (a longer record is a group of its own). Duplicates and overlapping
+/// records share a span.
+fn read_groups<'a>(chunks: &[(ChunkId, ChunkLocation)], order: &'a [usize]) -> Vec<&'a [usize]> {
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let first = chunks[order[i]].1;
+        let mut end = first.offset + u64::from(first.len);
+        let mut j = i + 1;
+        while let Some(&k) = order.get(j) {
+            let next = chunks[k].1;
+            let next_end = end.max(next.offset + u64::from(next.len));
+            if next.pack_id != first.pack_id
+                || next.offset > end + READ_GAP
+                || next_end - first.offset > MAX_READ_SPAN
+            {
+                break;
+            }
+            end = next_end;
+            j += 1;
+        }
+        groups.push(&order[i..j]);
+        i = j;
+    }
+    groups
 }
 
 /// Checks a decoded chunk's length against the catalog's.
@@ -1258,64 +1297,61 @@ impl Shared {
         })
     }
 
-    /// Blocking: [`Self::read_payload`] of each chunk, in order, reading
-    /// runs of records that lie back to back in one pack with one pread
-    /// (into a buffer the thread keeps). A run whose read fails is read
-    /// again record by record, so errors are those of `read_payload`.
+    /// Blocking: [`Self::read_payload`] of each chunk, results in the order
+    /// asked. The records are read in pack and offset order, and records of
+    /// one pack at most [`READ_GAP`] apart are read with one pread around
+    /// the page cache (into a buffer the thread keeps): a backup stores a
+    /// run's chunks in the order they arrive from its readers, so the
+    /// records of consecutive places lie close together, not always back to
+    /// back. A span whose read fails is read again record by record, so
+    /// errors are those of `read_payload`.
     fn read_payloads(
         &self,
         chunks: &[(ChunkId, ChunkLocation)],
     ) -> Vec<Result<Vec<u8>, StoreError>> {
-        /// Longest span read at once, and so the most a blocking thread
-        /// keeps (blocking threads end when idle): four sealed 1 MiB chunks.
-        const MAX_SPAN: u64 = 5 << 20;
         thread_local! {
             static SPAN: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
         }
-        let mut out = Vec::with_capacity(chunks.len());
-        let mut i = 0;
-        while i < chunks.len() {
-            let first = chunks[i].1;
-            let mut end = first.offset + u64::from(first.len);
-            let mut j = i + 1;
-            while let Some((_, next)) = chunks.get(j) {
-                let next_end = end + u64::from(next.len);
-                if next.pack_id != first.pack_id
-                    || next.offset != end
-                    || next_end - first.offset > MAX_SPAN
-                {
-                    break;
-                }
-                end = next_end;
-                j += 1;
-            }
-            let group = &chunks[i..j];
-            i = j;
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_unstable_by_key(|&k| (chunks[k].1.pack_id, chunks[k].1.offset));
+        let mut out: Vec<Option<Result<Vec<u8>, StoreError>>> =
+            std::iter::repeat_with(|| None).take(chunks.len()).collect();
+        for group in read_groups(chunks, &order) {
+            let first = chunks[group[0]].1;
+            let end = group
+                .iter()
+                .map(|&k| chunks[k].1.offset + u64::from(chunks[k].1.len))
+                .max()
+                .unwrap_or(first.offset);
             let span_len = (end - first.offset) as usize;
-            if group.len() == 1 || span_len as u64 > MAX_SPAN {
-                out.extend(group.iter().map(|(id, loc)| self.read_payload(id, loc)));
-                continue;
-            }
-            let done = SPAN.with(|span| {
-                let mut span = span.borrow_mut();
-                let bytes = self.read_span(&mut span, &first.pack_id, first.offset, span_len)?;
-                Some(
-                    group
-                        .iter()
-                        .map(|(id, loc)| {
+            let done = (span_len as u64 <= MAX_READ_SPAN)
+                .then(|| {
+                    SPAN.with(|span| {
+                        let mut span = span.borrow_mut();
+                        let bytes =
+                            self.read_span(&mut span, &first.pack_id, first.offset, span_len)?;
+                        for &k in group {
+                            let (id, loc) = &chunks[k];
                             let at = (loc.offset - first.offset) as usize;
-                            self.open_payload(id, loc, &bytes[at..at + loc.len as usize])
-                                .and_then(|p| self.undelta_payload(id, loc, p))
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            });
-            match done {
-                Some(results) => out.extend(results),
-                None => out.extend(group.iter().map(|(id, loc)| self.read_payload(id, loc))),
+                            out[k] = Some(
+                                self.open_payload(id, loc, &bytes[at..at + loc.len as usize])
+                                    .and_then(|p| self.undelta_payload(id, loc, p)),
+                            );
+                        }
+                        Some(())
+                    })
+                })
+                .flatten();
+            if done.is_none() {
+                for &k in group {
+                    let (id, loc) = &chunks[k];
+                    out[k] = Some(self.read_payload(id, loc));
+                }
             }
         }
-        out
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Internal("a chunk was not read".into()))))
+            .collect()
     }
 
     /// Blocking: `len` bytes at `offset` of pack `id`, read around the page
@@ -1365,5 +1401,62 @@ impl Shared {
                 reason: e.to_string(),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod read_group_tests {
+    use super::*;
+
+    fn at(pack: u8, offset: u64, len: u32) -> (ChunkId, ChunkLocation) {
+        let loc = ChunkLocation {
+            pack_id: PackId([pack; 16]),
+            offset,
+            len,
+            raw_len: len,
+        };
+        (ChunkId([offset as u8; 32]), loc)
+    }
+
+    fn groups(chunks: &[(ChunkId, ChunkLocation)]) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&k| (chunks[k].1.pack_id, chunks[k].1.offset));
+        read_groups(chunks, &order)
+            .into_iter()
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn near_records_of_one_pack_share_a_read() {
+        let mib = 1 << 20;
+        let chunks = [
+            at(1, 3 * mib, 1000),                 // 0: far past the others
+            at(1, 0, 1000),                       // 1
+            at(2, 1000, 1000),                    // 2: another pack
+            at(1, 1000, 1000),                    // 3: back to back with 1
+            at(1, 1000, 1000),                    // 4: a duplicate of 3
+            at(1, 2000 + READ_GAP, 1000),         // 5: READ_GAP past 3
+            at(1, 3000 + 2 * READ_GAP + 1, 1000), // 6: one byte too far
+        ];
+        assert_eq!(
+            groups(&chunks),
+            vec![vec![1, 3, 4, 5], vec![6], vec![0], vec![2]]
+        );
+    }
+
+    #[test]
+    fn a_span_stops_at_its_limit() {
+        let len = 1 << 20;
+        // Back to back 1 MiB records: five fill the 5 MiB limit.
+        let chunks: Vec<_> = (0..7).map(|k| at(1, k * u64::from(len), len)).collect();
+        assert_eq!(groups(&chunks), vec![vec![0, 1, 2, 3, 4], vec![5, 6]]);
+        // A record longer than the limit is read alone.
+        let big = [
+            at(1, 0, 100),
+            at(1, 100, (MAX_READ_SPAN + 1) as u32),
+            at(1, 10 << 20, 100),
+        ];
+        assert_eq!(groups(&big), vec![vec![0], vec![1], vec![2]]);
     }
 }

@@ -885,3 +885,51 @@ async fn a_delta_whose_base_is_gone_is_named_as_damaged() {
     let r = f.store.verify(None).await.expect("verify");
     assert!(r.damaged.iter().any(|d| d.chunk_id == id2), "{r:?}");
 }
+
+#[tokio::test]
+async fn payloads_read_in_any_order_come_back_in_the_order_asked() {
+    let f = fixture(StoreConfig::default()).await;
+    // Two packs; in each, records of different sizes, one of them far from
+    // the others (a big incompressible record between them).
+    let first = [
+        text(1, 1 << 20),
+        noise(2, 1 << 20),
+        text(3, 4096),
+        text(4, 200_000),
+    ];
+    let second = [noise(5, 300_000), text(6, 1 << 20)];
+    for c in &first {
+        put_ok(&f.store, c).await;
+    }
+    f.store.flush().await.expect("flush");
+    for c in &second {
+        put_ok(&f.store, c).await;
+    }
+    f.store.flush().await.expect("flush");
+    let all: Vec<&Bytes> = first.iter().chain(&second).collect();
+    let ids: Vec<ChunkId> = all
+        .iter()
+        .map(|c| f.store.chunk_id(&ChunkHash::of(c)))
+        .collect();
+    let locs = f.store.locate(&ids).await.expect("locate");
+    // Asked out of pack order, with a duplicate and a chunk the store lacks
+    // (a location past the end of a pack).
+    let mut bogus = locs[0].expect("loc");
+    bogus.offset += 1 << 30;
+    let ask: Vec<(ChunkId, ChunkLocation)> = [5, 2, 0, 4, 2, 3, 1]
+        .iter()
+        .map(|&k| (ids[k], locs[k].expect("loc")))
+        .chain([(ChunkId([9; 32]), bogus)])
+        .collect();
+    let got = f.store.get_payloads_at(ask.clone()).await;
+    assert_eq!(got.len(), ask.len());
+    for (k, r) in [5, 2, 0, 4, 2, 3, 1].iter().zip(&got) {
+        let payload = r.as_ref().expect("payload");
+        assert_eq!(
+            &tierback_format::crypto::decode_chunk_payload(payload).expect("decode")[..],
+            &all[*k][..],
+            "chunk {k}"
+        );
+    }
+    assert!(got[7].is_err(), "a record past the end of its pack");
+}
