@@ -1186,14 +1186,23 @@ impl Shared {
                 break;
             }
             last = Some(loc);
-            let file = match self.handles.get(&self.layout, &loc.pack_id) {
-                Ok(f) => f,
-                Err(_) => continue,
-            };
-            let Ok(sealed) = files::read_exact_at(&file, loc.offset, loc.len as usize) else {
+            if loc.len as usize > crypto::MAX_SEALED_CHUNK_LEN {
+                continue;
+            }
+            // Around the page cache, like restore reads (its own buffer:
+            // a restore's span buffer is borrowed while it decodes deltas).
+            thread_local! {
+                static BASE: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
+            }
+            let opened = BASE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                self.read_span(&mut buf, &loc.pack_id, loc.offset, loc.len as usize)
+                    .map(|sealed| self.open_payload(base, &loc, sealed))
+            });
+            let Some(payload) = opened else {
                 continue;
             };
-            let payload = self.open_payload(base, &loc, &sealed)?;
+            let payload = payload?;
             let plain = self.decode_payload(base, &loc, &payload, false)?;
             check_len(base, &loc, &plain)?;
             return Ok(plain);
