@@ -73,8 +73,9 @@ pub fn chunks_of_ranges(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Ve
 /// Chunk numbers more than half covered by `ranges` (in any order, maybe
 /// overlapping), ascending; ranges beyond `size` are clipped.
 pub fn rewritten_chunks(ranges: &[(u64, u64)], chunk_size: u64, size: u64) -> Vec<u64> {
-    let mut covered: Vec<(u64, u64)> = Vec::new(); // (chunk, bytes)
-                                                   // Merged first, so overlapping reports do not count twice.
+    // (chunk, bytes covered), from the ranges merged first so that
+    // overlapping reports do not count twice.
+    let mut covered: Vec<(u64, u64)> = Vec::new();
     for (off, len) in crate::disk::merge_ranges(ranges.to_vec()) {
         let end = off.saturating_add(len).min(size);
         let mut at = off;

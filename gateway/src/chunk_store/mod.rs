@@ -1008,32 +1008,41 @@ const MAX_READ_SPAN: u64 = 5 << 20;
 /// than read apart: a quarter of a sealed 1 MiB chunk.
 const READ_GAP: u64 = 256 << 10;
 
-/// `order` (indexes into `chunks`, sorted by pack and offset) cut into
-/// groups read as one span: same pack, each record starting at most
-/// [`READ_GAP`] past the span so far, the span at most [`MAX_READ_SPAN`]
-/// (a longer record is a group of its own). Duplicates and overlapping
-/// records share a span.
-fn read_groups<'a>(chunks: &[(ChunkId, ChunkLocation)], order: &'a [usize]) -> Vec<&'a [usize]> {
-    let mut groups = Vec::new();
-    let mut i = 0;
-    while i < order.len() {
-        let first = chunks[order[i]].1;
-        let mut end = first.offset + u64::from(first.len);
-        let mut j = i + 1;
-        while let Some(&k) = order.get(j) {
-            let next = chunks[k].1;
-            let next_end = end.max(next.offset + u64::from(next.len));
-            if next.pack_id != first.pack_id
-                || next.offset > end + READ_GAP
-                || next_end - first.offset > MAX_READ_SPAN
-            {
-                break;
-            }
-            end = next_end;
-            j += 1;
+/// Records of one pack read with one pread: `chunks[k]` for each `k` in
+/// `members`, which lie in `[start, end)` of `pack`.
+struct ReadGroup {
+    pack: PackId,
+    start: u64,
+    end: u64,
+    members: Vec<usize>,
+}
+
+/// The records of `chunks` in pack and offset order, cut into groups read
+/// as one span: same pack, each record starting at most [`READ_GAP`] past
+/// the span so far, the span at most [`MAX_READ_SPAN`] (a longer record is
+/// a group of its own). Duplicates and overlapping records share a span.
+fn read_groups(chunks: &[(ChunkId, ChunkLocation)]) -> Vec<ReadGroup> {
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_unstable_by_key(|&k| (chunks[k].1.pack_id, chunks[k].1.offset));
+    let mut groups: Vec<ReadGroup> = Vec::new();
+    for k in order {
+        let loc = chunks[k].1;
+        let end = loc.offset + u64::from(loc.len);
+        if let Some(g) = groups.last_mut().filter(|g| {
+            g.pack == loc.pack_id
+                && loc.offset <= g.end + READ_GAP
+                && g.end.max(end) - g.start <= MAX_READ_SPAN
+        }) {
+            g.end = g.end.max(end);
+            g.members.push(k);
+        } else {
+            groups.push(ReadGroup {
+                pack: loc.pack_id,
+                start: loc.offset,
+                end,
+                members: vec![k],
+            });
         }
-        groups.push(&order[i..j]);
-        i = j;
     }
     groups
 }
@@ -1321,38 +1330,28 @@ impl Shared {
         thread_local! {
             static SPAN: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
         }
-        let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_unstable_by_key(|&k| (chunks[k].1.pack_id, chunks[k].1.offset));
         let mut out: Vec<Option<Result<Vec<u8>, StoreError>>> =
             std::iter::repeat_with(|| None).take(chunks.len()).collect();
-        for group in read_groups(chunks, &order) {
-            let first = chunks[group[0]].1;
-            let end = group
-                .iter()
-                .map(|&k| chunks[k].1.offset + u64::from(chunks[k].1.len))
-                .max()
-                .unwrap_or(first.offset);
-            let span_len = (end - first.offset) as usize;
-            let done = (span_len as u64 <= MAX_READ_SPAN)
-                .then(|| {
-                    SPAN.with(|span| {
-                        let mut span = span.borrow_mut();
-                        let bytes =
-                            self.read_span(&mut span, &first.pack_id, first.offset, span_len)?;
-                        for &k in group {
-                            let (id, loc) = &chunks[k];
-                            let at = (loc.offset - first.offset) as usize;
-                            out[k] = Some(
-                                self.open_payload(id, loc, &bytes[at..at + loc.len as usize])
-                                    .and_then(|p| self.undelta_payload(id, loc, p)),
-                            );
-                        }
-                        Some(())
-                    })
-                })
-                .flatten();
-            if done.is_none() {
-                for &k in group {
+        for g in read_groups(chunks) {
+            let span_len = (g.end - g.start) as usize;
+            let read = g.end - g.start <= MAX_READ_SPAN
+                && SPAN.with(|span| {
+                    let mut span = span.borrow_mut();
+                    let Some(bytes) = self.read_span(&mut span, &g.pack, g.start, span_len) else {
+                        return false;
+                    };
+                    for &k in &g.members {
+                        let (id, loc) = &chunks[k];
+                        let at = (loc.offset - g.start) as usize;
+                        out[k] = Some(
+                            self.open_payload(id, loc, &bytes[at..at + loc.len as usize])
+                                .and_then(|p| self.undelta_payload(id, loc, p)),
+                        );
+                    }
+                    true
+                });
+            if !read {
+                for &k in &g.members {
                     let (id, loc) = &chunks[k];
                     out[k] = Some(self.read_payload(id, loc));
                 }
@@ -1428,12 +1427,7 @@ mod read_group_tests {
     }
 
     fn groups(chunks: &[(ChunkId, ChunkLocation)]) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_by_key(|&k| (chunks[k].1.pack_id, chunks[k].1.offset));
-        read_groups(chunks, &order)
-            .into_iter()
-            .map(<[usize]>::to_vec)
-            .collect()
+        read_groups(chunks).into_iter().map(|g| g.members).collect()
     }
 
     #[test]
