@@ -53,12 +53,27 @@ impl Layout {
             .join(format!("{stream_no}.idx"))
     }
 
-    /// Creates the top directories (durably) and removes every `*.tmp` file
-    /// below them. Returns how many were removed.
+    /// Creates the top directories and the 256 pack directories (durably)
+    /// and removes every `*.tmp` file below them. Returns how many were
+    /// removed. With every pack directory made here, starting a pack never
+    /// waits for a directory fsync while uploads wait on it.
     pub fn prepare(&self) -> io::Result<usize> {
         let mut removed = 0;
         for top in [&self.packs, &self.indexes] {
             ensure_dir(top)?;
+        }
+        let mut made = false;
+        for b in 0..=255u8 {
+            let dir = self.packs.join(format!("{b:02x}"));
+            if !dir.is_dir() {
+                fs::create_dir(&dir)?;
+                made = true;
+            }
+        }
+        if made {
+            fsync_dir(&self.packs)?;
+        }
+        for top in [&self.packs, &self.indexes] {
             for sub in fs::read_dir(top)? {
                 let sub = sub?;
                 if sub.file_type()?.is_dir() {
@@ -492,6 +507,12 @@ mod tests {
         assert_eq!(layout.prepare().expect("prepare"), 0);
         let p = layout.pack_path(&PackId([0xab; 16]));
         assert!(p.ends_with(format!("ab/{}.pack", "ab".repeat(16))));
+        // Every pack's directory is there before its first pack.
+        for b in [0x00u8, 0x7f, 0xab, 0xff] {
+            let dir = layout.pack_path(&PackId([b; 16]));
+            assert!(dir.parent().expect("dir").is_dir(), "{}", dir.display());
+        }
+        assert_eq!(fs::read_dir(&layout.packs).expect("ls").count(), 256);
         write_durably(&p, b"hello", &Faults::default()).expect("write");
         assert_eq!(fs::read(&p).expect("read"), b"hello");
 
