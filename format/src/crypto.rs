@@ -182,9 +182,7 @@ pub fn manifest_ad(point: &PointId) -> Vec<u8> {
 /// `ad`. Output: `nonce ‖ ciphertext ‖ tag` (`plaintext.len() + SEAL_OVERHEAD`
 /// bytes).
 pub fn seal(key: &[u8; 32], ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-    seal_with_nonce(key, &nonce, ad, plaintext)
+    seal_with_nonce(key, &random_nonce(), ad, plaintext)
 }
 
 fn seal_with_nonce(
@@ -194,18 +192,32 @@ fn seal_with_nonce(
     plaintext: &[u8],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
-    out.extend_from_slice(nonce);
+    out.resize(NONCE_LEN, 0);
     out.extend_from_slice(plaintext);
+    seal_in_place(key, nonce, ad, &mut out);
+    out
+}
+
+/// Seals `buf = (NONCE_LEN bytes of room) ‖ plaintext` in place: the nonce
+/// goes into the room, the plaintext is encrypted where it lies, the tag is
+/// appended.
+fn seal_in_place(key: &[u8; 32], nonce: &[u8; NONCE_LEN], ad: &[u8], buf: &mut Vec<u8>) {
+    buf[..NONCE_LEN].copy_from_slice(nonce);
     let tag = aead_key(key)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(*nonce),
             Aad::from(ad),
-            &mut out[NONCE_LEN..],
+            &mut buf[NONCE_LEN..],
         )
         // Only fails above 64 GiB of plaintext; every caller seals bounded objects.
         .expect("AES-GCM plaintext under 64 GiB");
-    out.extend_from_slice(tag.as_ref());
-    out
+    buf.extend_from_slice(tag.as_ref());
+}
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    nonce
 }
 
 /// AES-256-GCM (ring's implementation: AES-NI/VAES and carry-less multiply).
@@ -237,23 +249,110 @@ pub fn open(key: &[u8; 32], ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoE
 /// Independent of any pack, so the costly part of sealing can run before the
 /// chunk's pack is known.
 pub fn encode_chunk_payload(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
-    if let Ok(z) = compress(plaintext, zstd_level) {
-        if z.len() < plaintext.len() {
-            let mut out = Vec::with_capacity(1 + z.len());
-            out.push(CHUNK_CODEC_ZSTD);
-            out.extend_from_slice(&z);
-            return out;
+    encode_after(Vec::new(), plaintext, zstd_level, 0)
+}
+
+/// Appends the payload of `plaintext` (see [`encode_chunk_payload`]) to
+/// `out`, with `spare` bytes of capacity left after it. zstd writes its
+/// frame straight behind the codec byte: no copy of the compressed data.
+fn encode_after(mut out: Vec<u8>, plaintext: &[u8], level: i32, spare: usize) -> Vec<u8> {
+    let start = out.len();
+    out.reserve(1 + zstd::zstd_safe::compress_bound(plaintext.len()) + spare);
+    out.push(CHUNK_CODEC_ZSTD);
+    let mut cursor = std::io::Cursor::new(out);
+    cursor.set_position((start + 1) as u64);
+    let compressed = compress_into(plaintext, level, &mut cursor);
+    let mut out = cursor.into_inner();
+    match compressed {
+        Ok(n) if n < plaintext.len() => out,
+        _ => {
+            out.truncate(start);
+            out.push(CHUNK_CODEC_RAW);
+            out.extend_from_slice(plaintext);
+            out
         }
     }
-    let mut out = Vec::with_capacity(1 + plaintext.len());
-    out.push(CHUNK_CODEC_RAW);
-    out.extend_from_slice(plaintext);
+}
+
+/// A chunk payload laid out for sealing in place: room for the nonce in
+/// front and for the tag behind ([`encode_chunk_for_seal`],
+/// [`seal_chunk_in_place`]).
+pub struct SealBuf(Vec<u8>);
+
+impl SealBuf {
+    /// A copy of an encoded `payload` (e.g. a delta's), ready for sealing.
+    pub fn from_payload(payload: &[u8]) -> SealBuf {
+        let mut v = Vec::with_capacity(payload.len() + SEAL_OVERHEAD);
+        v.resize(NONCE_LEN, 0);
+        v.extend_from_slice(payload);
+        SealBuf(v)
+    }
+
+    /// The encoded payload.
+    pub fn payload(&self) -> &[u8] {
+        self.0.get(NONCE_LEN..).unwrap_or_default()
+    }
+}
+
+/// [`encode_chunk_payload`] into a [`SealBuf`]: the payload that
+/// [`seal_chunk_in_place`] then seals without copying it again.
+pub fn encode_chunk_for_seal(plaintext: &[u8], zstd_level: i32) -> SealBuf {
+    SealBuf(encode_after(
+        vec![0; NONCE_LEN],
+        plaintext,
+        zstd_level,
+        TAG_LEN,
+    ))
+}
+
+/// Seals an encoded payload as the chunk record of `chunk` in `pack`, in its
+/// own buffer: the same record as [`seal_chunk_payload`] makes.
+pub fn seal_chunk_in_place(
+    pack_key: &[u8; 32],
+    pack: &PackId,
+    chunk: &ChunkId,
+    buf: SealBuf,
+) -> Vec<u8> {
+    let mut out = buf.0;
+    seal_in_place(pack_key, &random_nonce(), &chunk_ad(pack, chunk), &mut out);
     out
 }
 
-/// zstd with one compression context per thread, reused: a fresh context
-/// per chunk costs an allocation (and page faults) of its tables every time.
-fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+/// Turns the record of `chunk` sealed for pack `from` into its record for
+/// pack `to`, in place (opened, then sealed again with a fresh nonce). A
+/// record that does not open under `from` is [`CryptoError::Auth`].
+pub fn reseal_chunk(
+    from: (&[u8; 32], &PackId),
+    to: (&[u8; 32], &PackId),
+    chunk: &ChunkId,
+    mut sealed: Vec<u8>,
+) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(CryptoError::Truncated { len: sealed.len() });
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[..NONCE_LEN]);
+    let plain_len = aead_key(from.0)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(chunk_ad(from.1, chunk)),
+            &mut sealed[NONCE_LEN..],
+        )
+        .map_err(|_| CryptoError::Auth)?
+        .len();
+    sealed.truncate(NONCE_LEN + plain_len);
+    seal_in_place(to.0, &random_nonce(), &chunk_ad(to.1, chunk), &mut sealed);
+    Ok(sealed)
+}
+
+/// zstd into `dst` (after its cursor) with one compression context per
+/// thread, reused: a fresh context per chunk costs an allocation (and page
+/// faults) of its tables every time. Returns the frame's length.
+fn compress_into(
+    plaintext: &[u8],
+    level: i32,
+    dst: &mut std::io::Cursor<Vec<u8>>,
+) -> std::io::Result<usize> {
     thread_local! {
         static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
             const { std::cell::RefCell::new(None) };
@@ -264,8 +363,8 @@ fn compress(plaintext: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
             *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
         match slot.as_mut() {
-            Some((_, c)) => c.compress(plaintext),
-            None => zstd::bulk::compress(plaintext, level),
+            Some((_, c)) => c.compress_to_buffer(plaintext, dst),
+            None => Err(std::io::Error::other("no zstd context")),
         }
     })
 }
@@ -655,6 +754,64 @@ mod tests {
         );
     }
     const KAT_SEALED_HELLO: &str = "4fe0e8f8d1a696e6bdcbf1b735b64b6dec1e01e9ea";
+
+    #[test]
+    fn chunks_sealed_in_place_open_like_any_record_and_reseal_for_another_pack() {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let (p1, p2) = (PackId([1; 16]), PackId([2; 16]));
+        let chunk = ChunkId([5; 32]);
+        let text: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| format!("line {} of the log\n", i % 977).into_bytes())
+            .take(1 << 20)
+            .collect();
+        let mut noise = vec![0u8; 200_000];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut noise);
+        for plain in [&text[..], &noise[..], b"", b"x"] {
+            let buf = encode_chunk_for_seal(plain, 1);
+            // The same payload as the copying encoder makes.
+            assert_eq!(buf.payload(), &encode_chunk_payload(plain, 1)[..]);
+            let payload_len = buf.payload().len();
+            let sealed = seal_chunk_in_place(&k1, &p1, &chunk, buf);
+            assert_eq!(sealed.len(), payload_len + SEAL_OVERHEAD);
+            assert_eq!(open_chunk(&k1, &p1, &chunk, &sealed).unwrap(), plain);
+
+            let moved = reseal_chunk((&k1, &p1), (&k2, &p2), &chunk, sealed.clone()).unwrap();
+            assert_eq!(moved.len(), sealed.len());
+            assert_ne!(moved[..NONCE_LEN], sealed[..NONCE_LEN], "fresh nonce");
+            assert_eq!(open_chunk(&k2, &p2, &chunk, &moved).unwrap(), plain);
+            assert!(matches!(
+                open_chunk(&k1, &p1, &chunk, &moved),
+                Err(CryptoError::Auth)
+            ));
+
+            // A record that does not open where it is said to come from is
+            // refused, not sealed anew.
+            let mut bad = sealed.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(matches!(
+                reseal_chunk((&k1, &p1), (&k2, &p2), &chunk, bad),
+                Err(CryptoError::Auth)
+            ));
+            assert!(matches!(
+                reseal_chunk((&k2, &p1), (&k2, &p2), &chunk, sealed),
+                Err(CryptoError::Auth)
+            ));
+        }
+        assert!(matches!(
+            reseal_chunk((&k1, &p1), (&k2, &p2), &chunk, vec![0; 5]),
+            Err(CryptoError::Truncated { len: 5 })
+        ));
+        // A delta payload copied into a seal buffer seals the same way.
+        let d = encode_delta_payload(&text, &ChunkId([9; 32]), &text, 1);
+        let buf = SealBuf::from_payload(&d);
+        assert_eq!(
+            payload_delta_base(buf.payload()).unwrap(),
+            Some(ChunkId([9; 32]))
+        );
+        let sealed = seal_chunk_in_place(&k1, &p1, &chunk, buf);
+        assert_eq!(open(&k1, &chunk_ad(&p1, &chunk), &sealed).unwrap(), d);
+    }
 
     #[test]
     fn ad_layout() {

@@ -618,20 +618,26 @@ impl ChunkStore {
         if self.open_is_full() {
             self.seal_pending(SealMode::IfFull).await?;
         }
-        let (mut pack_id, key) = self.open_pack_id();
+        let (mut pack_id, mut key) = self.open_pack_id();
         let permit = self.cpu_permit().await?;
-        // Encode and seal for the open pack in one hop to a blocking thread.
-        let (payload, mut sealed) = blocking(move || {
-            let payload = match base {
-                Some((bid, b)) => crypto::encode_delta_payload(&data, &bid, &b, level),
-                None => crypto::encode_chunk_payload(&data, level),
+        // Encode and seal for the open pack in one hop to a blocking thread,
+        // in one buffer: zstd writes behind room for the nonce, AES-GCM
+        // encrypts where the payload lies.
+        let (delta_of, mut sealed) = blocking(move || {
+            let buf = match base {
+                Some((bid, b)) => crypto::SealBuf::from_payload(&crypto::encode_delta_payload(
+                    &data, &bid, &b, level,
+                )),
+                None => crypto::encode_chunk_for_seal(&data, level),
             };
-            let sealed = crypto::seal_chunk_payload(&key, &pack_id, &id, &payload);
-            (Arc::new(payload), sealed)
+            let delta_of = crypto::payload_delta_base(buf.payload()).ok().flatten();
+            (
+                delta_of,
+                crypto::seal_chunk_in_place(&key, &pack_id, &id, buf),
+            )
         })
         .await?;
         drop(permit);
-        let delta_of = crypto::payload_delta_base(&payload).ok().flatten();
         loop {
             if self.append_sealed(&pack_id, id, &sealed, raw_len, delta_of)? {
                 self.touches.touch([&id]);
@@ -641,15 +647,19 @@ impl ChunkStore {
                     stored_bytes: sealed.len() as u64,
                 });
             }
-            // The pack was sealed while we encrypted for it: seal again for
-            // the new one (zstd is not redone).
+            // The pack was sealed while we encrypted for it: seal the record
+            // again for the new one (opened and sealed in place; zstd is not
+            // redone).
             if self.open_is_full() {
                 self.seal_pending(SealMode::IfFull).await?;
             }
-            let key;
+            let (from_pack, from_key) = (pack_id, key);
             (pack_id, key) = self.open_pack_id();
-            let p = payload.clone();
-            sealed = blocking(move || crypto::seal_chunk_payload(&key, &pack_id, &id, &p)).await?;
+            sealed = blocking(move || {
+                crypto::reseal_chunk((&from_key, &from_pack), (&key, &pack_id), &id, sealed)
+            })
+            .await?
+            .map_err(|e| StoreError::Internal(format!("sealing chunk {id} again: {e}")))?;
         }
     }
 
