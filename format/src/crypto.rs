@@ -191,9 +191,7 @@ fn seal_with_nonce(
     ad: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
-    out.resize(NONCE_LEN, 0);
-    out.extend_from_slice(plaintext);
+    let mut out = SealBuf::from_payload(plaintext).0;
     seal_in_place(key, nonce, ad, &mut out);
     out
 }
@@ -280,7 +278,8 @@ fn encode_after(mut out: Vec<u8>, plaintext: &[u8], level: i32, spare: usize) ->
 pub struct SealBuf(Vec<u8>);
 
 impl SealBuf {
-    /// A copy of an encoded `payload` (e.g. a delta's), ready for sealing.
+    /// A copy of an encoded `payload` (e.g. a delta's), ready for sealing
+    /// (any plaintext, for [`seal`]).
     pub fn from_payload(payload: &[u8]) -> SealBuf {
         let mut v = Vec::with_capacity(payload.len() + SEAL_OVERHEAD);
         v.resize(NONCE_LEN, 0);
