@@ -42,8 +42,12 @@ impl Layout {
 
     /// `packs/<first 2 hex>/<pack id>.pack`
     pub fn pack_path(&self, id: &PackId) -> PathBuf {
-        let hex = id.to_string();
-        self.packs.join(&hex[..2]).join(format!("{hex}.pack"))
+        self.pack_dir(id.0[0]).join(format!("{id}.pack"))
+    }
+
+    /// `packs/<xx>`: the directory of the packs whose id starts with `first`.
+    fn pack_dir(&self, first: u8) -> PathBuf {
+        self.packs.join(format!("{first:02x}"))
     }
 
     /// `indexes/<point id>/<stream_no>.idx`
@@ -64,7 +68,7 @@ impl Layout {
         }
         let mut made = false;
         for b in 0..=255u8 {
-            let dir = self.packs.join(format!("{b:02x}"));
+            let dir = self.pack_dir(b);
             if !dir.is_dir() {
                 fs::create_dir(&dir)?;
                 made = true;
