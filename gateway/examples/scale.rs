@@ -6,7 +6,9 @@
 //! * the chunk filter's build time at open,
 //! * batched dedup lookups/s (hits and misses apart), warm and after the
 //!   catalog file's page cache was dropped (`posix_fadvise(DONTNEED)` after
-//!   `sync`, through python: no unsafe code here),
+//!   `sync`, through python: no unsafe code here); as the protocol asks
+//!   them (presence, `Catalog::contains_chunks_with`) and, in one row each,
+//!   with locations (`lookup_chunks_with`, what restores and verify ask),
 //! * `list_points` of one VM,
 //! * GC: the mark over real sealed indexes (read, decrypt, insert into the
 //!   mark filter, 4 at once, files evicted first) and the plan's per-pack
@@ -369,7 +371,25 @@ impl Table {
 /// `ids` looked up in requests of `batch`, one request at a time (an agent
 /// session), each split `par` ways by `lookup_chunks_with`. Returns ids/s
 /// and how many were found.
+/// Dedup lookups as the protocol asks them (`lack` requests and the commit
+/// check: presence only, `Catalog::contains_chunks_with`), `batch` ids per
+/// request, `par` statements at once; returns (ids/s, ids found).
 async fn lookups(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
+    let t = Instant::now();
+    let mut found = 0;
+    for req in ids.chunks(batch) {
+        found += c
+            .contains_chunks_with(req, par)
+            .await?
+            .iter()
+            .filter(|p| **p)
+            .count();
+    }
+    Ok((ids.len() as f64 / t.elapsed().as_secs_f64(), found))
+}
+
+/// Same with locations (`Catalog::lookup_chunks_with`: restores, verify).
+async fn locations(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
     let t = Instant::now();
     let mut found = 0;
     for req in ids.chunks(batch) {
@@ -686,6 +706,16 @@ async fn main() -> Result<()> {
             format!("{rate:.0} /s"),
         );
     }
+    {
+        let (rate, found) = locations(&c, &hits, 1024, 8).await?;
+        if found != hits.len() {
+            bail!("{found} of {} hits located", hits.len());
+        }
+        t.row(
+            "warm hits with locations, 1024/request, 8 at once",
+            format!("{rate:.0} /s"),
+        );
+    }
     for batch in [256, 1024] {
         let (rate, found) = lookups(&c, &misses, batch, 4).await?;
         if found != 0 {
@@ -714,6 +744,18 @@ async fn main() -> Result<()> {
         }
         t.row(
             format!("cold hits, {batch}/request, {par} at once (resident before: {res})"),
+            format!("{rate:.0} /s"),
+        );
+    }
+    {
+        let ids = sample(cold_n, true);
+        evict(&db_files)?;
+        let (rate, found) = locations(&c, &ids, 512, 8).await?;
+        if found != ids.len() {
+            bail!("{found} of {} cold hits located", ids.len());
+        }
+        t.row(
+            "cold hits with locations, 512/request, 8 at once",
             format!("{rate:.0} /s"),
         );
     }

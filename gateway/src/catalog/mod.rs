@@ -91,9 +91,10 @@ impl Catalog {
             // next to long scans left 1.4 GB of WAL at 20 M chunks.
             .pragma("journal_size_limit", (64u64 << 20).to_string())
             // 32 MiB of page cache per connection (SQLite's default is 2):
-            // holds the interior pages of the chunk table's B-tree (~60 MB
-            // at 80 M rows, shared by 8 connections' lookups), so a lookup
-            // reads about one leaf page (docs/scale.md).
+            // holds most interior pages of the chunk table's B-tree, so a
+            // lookup reads about one leaf page (docs/scale.md). Each
+            // connection has its own cache, not one shared behind a global
+            // mutex: see `.cargo/config.toml` and the test below.
             .pragma("cache_size", "-32768")
             // No commit checkpoints: `checkpoint.rs` does it on its own task
             // (docs/scale.md, third insert pass).
@@ -167,4 +168,33 @@ pub(crate) async fn test_catalog() -> (tempfile::TempDir, Catalog) {
         .await
         .expect("open catalog");
     (dir, c)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The bundled SQLite is built with `.cargo/config.toml`'s
+    /// `LIBSQLITE3_FLAGS`: no shared page cache behind one global mutex and
+    /// no malloc statistics behind another. With them, 8 pool connections
+    /// doing lookups spent ~45 % of their time waiting on those locks
+    /// (docs/scale.md); a build that lost the flags fails here.
+    #[tokio::test]
+    async fn sqlite_is_built_without_global_cache_and_malloc_locks() {
+        let (_dir, c) = super::test_catalog().await;
+        let opts: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+            .fetch_all(&c.pool)
+            .await
+            .expect("compile options");
+        assert!(
+            opts.iter().any(|o| o == "THREADSAFE=1"),
+            "serialized SQLite expected: {opts:?}"
+        );
+        assert!(
+            !opts.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "one page cache shared by all connections: {opts:?}"
+        );
+        assert!(
+            opts.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "malloc statistics on: {opts:?}"
+        );
+    }
 }

@@ -536,9 +536,9 @@ impl ChunkStore {
         // Lookup and touch under the sweep lock: GC either sees the touch or
         // has already removed the row (then the chunk is reported lacking).
         let _sweep = self.sweep.read().await;
-        let found = self.catalog.lookup_chunks(&ask).await?;
-        for (i, loc) in pos.into_iter().zip(found) {
-            lacking[i] = loc.is_none();
+        let found = self.catalog.contains_chunks(&ask).await?;
+        for (i, present) in pos.into_iter().zip(found) {
+            lacking[i] = !present;
         }
         self.touches.touch(
             ids.iter()
@@ -855,9 +855,9 @@ impl ChunkStore {
         // large index never holds GC (and, behind it, other backups) back.
         for batch in ids.chunks(TOUCH_BATCH) {
             let _sweep = self.sweep.read().await;
-            let found = self.catalog.lookup_chunks(batch).await?;
+            let found = self.catalog.contains_chunks(batch).await?;
             let (present, absent): (Vec<_>, Vec<_>) =
-                batch.iter().zip(found).partition(|(_, l)| l.is_some());
+                batch.iter().zip(found).partition(|(_, p)| *p);
             self.touches.touch(present.into_iter().map(|(id, _)| id));
             missing.extend(absent.into_iter().map(|(id, _)| *id));
         }
