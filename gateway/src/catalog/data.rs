@@ -258,8 +258,8 @@ async fn select_chunks(
 /// One presence statement over `batch`: the positions (in `batch`) of the
 /// ids catalogued, as a single row. The driver copies every column of every
 /// row and sends each row to the caller as its own message; one
-/// `group_concat` row per statement instead of one row per hit made the
-/// protocol's lookups ~X% faster (docs/scale.md).
+/// `group_concat` row per statement instead of one row per hit: warm hits
+/// at 80 M rows 95 k/s -> 120 k/s, 8 statements at once (docs/scale.md).
 async fn select_present(pool: sqlx::SqlitePool, batch: Vec<ChunkId>) -> Result<Vec<usize>> {
     let values: Vec<String> = (0..batch.len()).map(|i| format!("({i}, ?)")).collect();
     let sql = format!(
