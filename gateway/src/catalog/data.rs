@@ -16,10 +16,11 @@ use tierback_format::pack::TocEntry;
 
 use super::{Catalog, CatalogError, Result};
 
-/// Ids per `IN (…)` statement of batched lookups (DESIGN.md §4: batched
+/// Ids per statement of batched lookups (DESIGN.md §4: batched
 /// lookups are ~10× faster than single-key ones on SQLite).
 pub const LOOKUP_BATCH: usize = 256;
 /// Default number of concurrent statements of one [`Catalog::lookup_chunks`]
+/// or [`Catalog::contains_chunks`]
 /// (the pool has 8 connections; see docs/scale.md for the measurement).
 pub const LOOKUP_PARALLELISM: usize = 8;
 /// Upper bound of the parallelism a caller may ask for.
@@ -256,10 +257,11 @@ async fn select_chunks(
 }
 
 /// One presence statement over `batch`: the positions (in `batch`) of the
-/// ids catalogued, as a single row. The driver copies every column of every
-/// row and sends each row to the caller as its own message; one
-/// `group_concat` row per statement instead of one row per hit: warm hits
-/// at 80 M rows 95 k/s -> 120 k/s, 8 statements at once (docs/scale.md).
+/// ids catalogued, as a single `group_concat` row. The driver copies every
+/// column of every result row and sends each row to the caller as its own
+/// message, so one row per statement instead of one per hit is faster: at
+/// 80 M rows, 8 statements at once, 120 k hits/s against 95 k/s for the
+/// locations query in the same run (docs/scale.md, fourth pass).
 async fn select_present(pool: sqlx::SqlitePool, batch: Vec<ChunkId>) -> Result<Vec<usize>> {
     let values: Vec<String> = (0..batch.len()).map(|i| format!("({i}, ?)")).collect();
     let sql = format!(
