@@ -375,30 +375,31 @@ impl Table {
 /// check: presence only, `Catalog::contains_chunks_with`), `batch` ids per
 /// request, `par` statements at once; returns (ids/s, ids found).
 async fn lookups(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
-    let t = Instant::now();
-    let mut found = 0;
-    for req in ids.chunks(batch) {
-        found += c
-            .contains_chunks_with(req, par)
-            .await?
-            .iter()
-            .filter(|p| **p)
-            .count();
-    }
-    Ok((ids.len() as f64 / t.elapsed().as_secs_f64(), found))
+    timed_lookups(c, ids, batch, par, false).await
 }
 
 /// Same with locations (`Catalog::lookup_chunks_with`: restores, verify).
 async fn locations(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
+    timed_lookups(c, ids, batch, par, true).await
+}
+
+async fn timed_lookups(
+    c: &Catalog,
+    ids: &[ChunkId],
+    batch: usize,
+    par: usize,
+    with_locations: bool,
+) -> Result<(f64, usize)> {
     let t = Instant::now();
     let mut found = 0;
     for req in ids.chunks(batch) {
-        found += c
-            .lookup_chunks_with(req, par)
-            .await?
-            .iter()
-            .filter(|l| l.is_some())
-            .count();
+        found += if with_locations {
+            let locs = c.lookup_chunks_with(req, par).await?;
+            locs.iter().filter(|l| l.is_some()).count()
+        } else {
+            let present = c.contains_chunks_with(req, par).await?;
+            present.iter().filter(|p| **p).count()
+        };
     }
     Ok((ids.len() as f64 / t.elapsed().as_secs_f64(), found))
 }
