@@ -378,9 +378,25 @@ async fn lookups(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Resu
     timed_lookups(c, ids, batch, par, false).await
 }
 
-/// Same with locations (`Catalog::lookup_chunks_with`: restores, verify).
-async fn locations(c: &Catalog, ids: &[ChunkId], batch: usize, par: usize) -> Result<(f64, usize)> {
-    timed_lookups(c, ids, batch, par, true).await
+/// Hits of `ids` looked up with locations (`Catalog::lookup_chunks_with`:
+/// restores, verify), every one found, as one table row.
+async fn locations_row(
+    t: &mut Table,
+    c: &Catalog,
+    ids: &[ChunkId],
+    batch: usize,
+    par: usize,
+    cache: &str,
+) -> Result<()> {
+    let (rate, found) = timed_lookups(c, ids, batch, par, true).await?;
+    if found != ids.len() {
+        bail!("{found} of {} {cache} hits located", ids.len());
+    }
+    t.row(
+        format!("{cache} hits with locations, {batch}/request, {par} at once"),
+        format!("{rate:.0} /s"),
+    );
+    Ok(())
 }
 
 async fn timed_lookups(
@@ -707,16 +723,7 @@ async fn main() -> Result<()> {
             format!("{rate:.0} /s"),
         );
     }
-    {
-        let (rate, found) = locations(&c, &hits, 1024, 8).await?;
-        if found != hits.len() {
-            bail!("{found} of {} hits located", hits.len());
-        }
-        t.row(
-            "warm hits with locations, 1024/request, 8 at once",
-            format!("{rate:.0} /s"),
-        );
-    }
+    locations_row(&mut t, &c, &hits, 1024, 8, "warm").await?;
     for batch in [256, 1024] {
         let (rate, found) = lookups(&c, &misses, batch, 4).await?;
         if found != 0 {
@@ -751,14 +758,7 @@ async fn main() -> Result<()> {
     {
         let ids = sample(cold_n, true);
         evict(&db_files)?;
-        let (rate, found) = locations(&c, &ids, 512, 8).await?;
-        if found != ids.len() {
-            bail!("{found} of {} cold hits located", ids.len());
-        }
-        t.row(
-            "cold hits with locations, 512/request, 8 at once",
-            format!("{rate:.0} /s"),
-        );
+        locations_row(&mut t, &c, &ids, 512, 8, "cold").await?;
     }
     {
         let ids = sample(cold_n, true);
