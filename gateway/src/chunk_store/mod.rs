@@ -252,9 +252,9 @@ impl StoreError {
     }
 }
 
-/// The pack currently accepting appends. Its records go straight to a
-/// `*.tmp` file beside its final path, so memory holds only the TOC entries,
-/// whatever the pack size.
+/// The pack currently accepting appends. Its records go to a `*.tmp` file
+/// beside its final path as they come (memory holds the TOC entries and at
+/// most a few MiB of records not written yet), whatever the pack size.
 struct OpenPack {
     builder: PackFile,
     key: [u8; 32],
@@ -264,13 +264,14 @@ struct OpenPack {
 }
 
 /// A pack taken out of `open` to be sealed: its `*.tmp` file holds header and
-/// records up to `records_end`; kept until the file is sealed, renamed and
-/// catalogued (and across failed attempts, which rewrite the tail).
+/// records up to `held.0`, the rest of its records are `held.1`; kept until
+/// the file is sealed, renamed and catalogued (and across failed attempts,
+/// which rewrite the tail).
 struct SealingPack {
     id: PackId,
     key: [u8; 32],
     tmp: PathBuf,
-    records_end: u64,
+    held: (u64, Arc<Vec<u8>>),
     entries: Arc<Vec<TocEntry>>,
     bases: Arc<HashMap<ChunkId, ChunkId>>,
     ids: HashSet<ChunkId>,
@@ -280,7 +281,7 @@ struct SealingPack {
 struct PackFile {
     id: PackId,
     tmp: PathBuf,
-    w: Option<PackWriter<std::fs::File>>,
+    w: Option<PackWriter<files::PackAppender>>,
     shared: Arc<Shared>,
 }
 
@@ -312,23 +313,22 @@ impl PackFile {
         self.w.as_ref().is_none_or(|w| w.is_empty())
     }
 
-    /// Appends a sealed record (see [`PackWriter::append`]). A failed write
-    /// (disk full) is cut off again, so the file stays a valid prefix.
+    /// Appends a sealed record (see [`PackWriter::append`]). Records before
+    /// it are written out first; a failed write (disk full) fails this
+    /// append and keeps the pack a valid prefix.
     fn append(&mut self, chunk_id: ChunkId, sealed: &[u8], raw_len: u32) -> io::Result<(u64, u32)> {
         if self.w.is_none() {
             if let Some(dir) = self.tmp.parent() {
                 files::ensure_dir(dir)?;
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&self.tmp)?;
+            let f = files::PackAppender::create(&self.tmp)?;
             self.w = Some(PackWriter::new(f, self.id)?);
         }
         let w = self
             .w
             .as_mut()
             .ok_or_else(|| io::Error::other("pack file not open"))?;
+        w.get_mut().write_out()?;
         let end = w.len();
         let r = match self.shared.faults.mid_write() {
             // Test-only: a write that stops halfway, as on a full disk.
@@ -341,10 +341,7 @@ impl PackFile {
             Ok(()) => w.append(chunk_id, sealed, raw_len),
         };
         if r.is_err() {
-            use std::io::{Seek, SeekFrom};
-            let f = w.get_mut();
-            f.set_len(end)?;
-            f.seek(SeekFrom::Start(end))?;
+            w.get_mut().cut_back(end)?;
         }
         r
     }
@@ -364,7 +361,7 @@ struct SealJob {
     id: PackId,
     key: [u8; 32],
     tmp: PathBuf,
-    records_end: u64,
+    held: (u64, Arc<Vec<u8>>),
     entries: Arc<Vec<TocEntry>>,
     bases: Arc<HashMap<ChunkId, ChunkId>>,
 }
@@ -375,7 +372,7 @@ impl SealingPack {
             id: self.id,
             key: self.key,
             tmp: self.tmp.clone(),
-            records_end: self.records_end,
+            held: self.held.clone(),
             entries: self.entries.clone(),
             bases: self.bases.clone(),
         }
@@ -770,18 +767,19 @@ impl ChunkStore {
             match st.open.take() {
                 Some(open) if ready => {
                     let PackFile { id, tmp, w, .. } = open.builder;
-                    let (records_end, entries) = match w {
+                    let (held, entries) = match w {
                         Some(w) => {
-                            let (_file, end, entries) = w.into_parts();
-                            (end, entries)
+                            let (appender, _end, entries) = w.into_parts();
+                            let (at, bytes) = appender.into_held();
+                            ((at, Arc::new(bytes)), entries)
                         }
-                        None => (0, Vec::new()),
+                        None => ((0, Arc::default()), Vec::new()),
                     };
                     let sealing = SealingPack {
                         id,
                         key: open.key,
                         tmp,
-                        records_end,
+                        held,
                         entries: Arc::new(entries),
                         bases: Arc::new(open.bases),
                         ids: open.ids,
@@ -811,17 +809,18 @@ impl ChunkStore {
             id,
             key,
             tmp,
-            records_end,
+            held,
             entries,
             bases,
         } = job;
+        let records_end = held.0 + held.1.len() as u64;
         let tail = tierback_format::pack::pack_tail(&key, &id, &entries, records_end);
         let size = records_end + tail.len() as u64;
         blocking(move || {
             files::seal_pack_file(
                 &tmp,
                 &shared.layout.pack_path(&id),
-                records_end,
+                (held.0, &held.1),
                 &tail,
                 &shared.faults,
             )
