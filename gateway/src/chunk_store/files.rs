@@ -239,6 +239,8 @@ pub(crate) fn seal_pack_file(
 
 /// Bytes the open pack's appender holds before it writes them out.
 const APPEND_WRITE_AT: usize = 1 << 20;
+/// Bytes past which an append waits for the write in flight.
+const APPEND_HOLD_MAX: usize = 8 << 20;
 
 /// The open pack's `*.tmp` file, written around the page cache
 /// (`O_DIRECT`) on a thread of its own: a backup writes gigabytes of packs
@@ -248,8 +250,8 @@ const APPEND_WRITE_AT: usize = 1 << 20;
 ///
 /// Appends fill an aligned buffer; [`Self::write_out`] hands its whole 4 KiB
 /// blocks to the writer thread once it holds [`APPEND_WRITE_AT`] bytes and
-/// goes on filling a second buffer. One write is in flight at a time; the
-/// next `write_out` (or the seal, [`Self::into_held`]) collects its result.
+/// goes on filling a second buffer. One write is in flight at a time; a
+/// later `write_out` (or the seal, [`Self::into_held`]) collects its result.
 /// A failed write is cut off the file and its bytes return to the buffer, so
 /// nothing appended is lost and the write is tried again later; the append
 /// that collects the failure fails with it (disk full). The file always
@@ -322,20 +324,30 @@ impl PackAppender {
         })
     }
 
-    /// Collects the write in flight, if any. On its failure its bytes go
-    /// back in front of the buffer and the error is returned.
-    fn settle(&mut self) -> io::Result<()> {
-        let Some(at) = self.in_flight.take() else {
-            return Ok(());
+    /// Collects the write in flight once it is done, waiting for it only
+    /// with `wait`; true when no write is in flight any more. On its
+    /// failure its bytes go back in front of the buffer and the error is
+    /// returned.
+    fn settle(&mut self, wait: bool) -> io::Result<bool> {
+        use std::sync::mpsc::TryRecvError;
+        let Some(at) = self.in_flight else {
+            return Ok(true);
         };
-        let (mut blocks, r) = self
-            .from_writer
-            .recv()
-            .map_err(|_| io::Error::other("the pack writer thread is gone"))?;
+        let gone = || io::Error::other("the pack writer thread is gone");
+        let (mut blocks, r) = if wait {
+            self.from_writer.recv().map_err(|_| gone())?
+        } else {
+            match self.from_writer.try_recv() {
+                Ok(done) => done,
+                Err(TryRecvError::Empty) => return Ok(false),
+                Err(TryRecvError::Disconnected) => return Err(gone()),
+            }
+        };
+        self.in_flight = None;
         match r {
             Ok(()) => {
                 self.spare = Some(blocks);
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 blocks.extend(self.buf.bytes());
@@ -346,11 +358,16 @@ impl PackAppender {
         }
     }
 
-    /// Collects the last write and, once [`APPEND_WRITE_AT`] bytes are held,
-    /// starts writing their whole blocks. An error is the last write's:
-    /// nothing held was dropped, and the next call tries it again.
+    /// Collects the last write if it is done and, once [`APPEND_WRITE_AT`]
+    /// bytes are held, starts writing their whole blocks. While the last
+    /// write is still going, the appends gather (the appending thread waits
+    /// for it only past [`APPEND_HOLD_MAX`] bytes): a busy disk gets larger
+    /// writes, not a stalled caller. An error is the last write's: nothing
+    /// held was dropped, and the next call tries it again.
     pub(crate) fn write_out(&mut self) -> io::Result<()> {
-        self.settle()?;
+        if !self.settle(self.buf.len() >= APPEND_HOLD_MAX)? {
+            return Ok(());
+        }
         let held = self.buf.len();
         if held < APPEND_WRITE_AT {
             return Ok(());
@@ -385,7 +402,7 @@ impl PackAppender {
     /// Waits for the write in flight; returns the bytes not written and the
     /// file offset they belong at (a failed last write's bytes included).
     pub(crate) fn into_held(mut self) -> (u64, Vec<u8>) {
-        if let Err(e) = self.settle() {
+        if let Err(e) = self.settle(true) {
             tracing::debug!(error = %e, "pack write failed; the seal writes its bytes again");
         }
         (self.at, self.buf.bytes().to_vec())
@@ -896,7 +913,7 @@ mod tests {
         let p = d.path().join("b.pack.tmp");
         let mut a = PackAppender::create(&p).expect("create");
         let mut want = append_records(&mut a, &[1_500_000, 77], 2);
-        a.settle().expect("first write");
+        a.settle(true).expect("first write");
         let written = a.at;
         assert_eq!(written, 1_500_000 - 1_500_000 % DIRECT_ALIGN as u64);
         want.extend(append_records(&mut a, &[1_200_000], 3));
@@ -905,15 +922,17 @@ mod tests {
         // its failure: the bytes are held again, not lost, and the file is
         // cut back to what was written before.
         a.write_out().expect("starting a write");
-        let e = a.write_out().expect_err("the failed write is reported");
+        let e = a.settle(true).expect_err("the failed write is reported");
         assert!(is_disk_full(&e), "{e}");
         assert_eq!(a.at, written, "the failed write's bytes are held again");
         assert_eq!(fs::metadata(&p).expect("stat").len(), written, "cut back");
         a.write_out().expect("written again once there is space");
         want.extend(append_records(&mut a, &[2_000_000, 5], 4));
-        a.settle().expect("written");
+        a.settle(true).expect("written");
         // A failure the seal collects: its bytes come back with the held ones.
         want.extend(append_records(&mut a, &[1_100_000], 5));
+        a.settle(true).expect("written");
+        assert!(a.buf.len() >= APPEND_WRITE_AT, "a write to start");
         a.fail_writes.store(1, Ordering::SeqCst);
         a.write_out().expect("starting a write");
         assert!(sealed_bytes(&p, a) == want);
