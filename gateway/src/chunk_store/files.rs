@@ -490,12 +490,14 @@ impl AlignedVec {
         self.len = self.len.min(len);
     }
 
-    /// Room for `extra` more bytes.
+    /// Room for `extra` more bytes (growing at least twofold, so appends
+    /// that gather while a write is in flight copy each byte O(1) times).
     fn reserve(&mut self, extra: usize) {
         let need = (self.len + extra).next_multiple_of(DIRECT_ALIGN);
         if self.raw.len() >= self.start + need {
             return;
         }
+        let need = need.max(2 * self.raw.len().saturating_sub(DIRECT_ALIGN));
         let mut raw = vec![0u8; need + DIRECT_ALIGN];
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         raw[start..start + self.len].copy_from_slice(self.bytes());
