@@ -257,6 +257,8 @@ const APPEND_HOLD_MAX: usize = 8 << 20;
 /// that collects the failure fails with it (disk full). The file always
 /// holds whole blocks; the seal writes the rest (see [`seal_pack_file`]). A
 /// file system that refuses direct I/O gets buffered writes of the blocks.
+/// Memory: two buffers of 2 MiB, growing twofold while a lagging disk lets
+/// up to 8 MiB and one more record gather (16 MiB each at 1 MiB chunks).
 pub(crate) struct PackAppender {
     buf: AlignedVec,
     /// File offset of `buf`'s first byte: a multiple of [`DIRECT_ALIGN`];
