@@ -10,8 +10,10 @@
 //! kernel copy and later reclaim — CPU the restore's decryption needs. The
 //! span is widened to 4 KiB bounds and read into an aligned buffer the
 //! reading thread keeps; the records are used where they land, not copied.
+//! The open pack is written around the page cache too ([`PackAppender`]).
 //! A file system that refuses direct I/O (at open, or `EINVAL`/`EOPNOTSUPP`
-//! on a read) turns the store to buffered reads for good, logged once.
+//! on a read or a pack write) turns the store to buffered reads and writes
+//! for good, logged once.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -256,7 +258,8 @@ const APPEND_HOLD_MAX: usize = 8 << 20;
 /// nothing appended is lost and the write is tried again later; the append
 /// that collects the failure fails with it (disk full). The file always
 /// holds whole blocks; the seal writes the rest (see [`seal_pack_file`]). A
-/// file system that refuses direct I/O gets buffered writes of the blocks.
+/// file system that refuses direct I/O gets buffered writes of the blocks
+/// (the store's flag, as for reads).
 /// Memory: two buffers of 2 MiB, growing twofold while a lagging disk lets
 /// up to 8 MiB and one more record gather (16 MiB each at 1 MiB chunks).
 pub(crate) struct PackAppender {
@@ -276,27 +279,32 @@ pub(crate) struct PackAppender {
 }
 
 impl PackAppender {
-    /// Creates `path` (which must not exist) and its writer thread.
-    pub(crate) fn create(path: &Path) -> io::Result<PackAppender> {
-        let (file, direct) = match create_direct(path) {
-            Ok(f) => (f, true),
-            // (A refusing open may have made the file already.)
-            Err(e) if is_refusal(&e) => (
+    /// Creates `path` (which must not exist) and its writer thread; writes
+    /// it directly while `direct_ok` (the store's flag, [`HandleCache`])
+    /// holds, and clears that on a refusal.
+    pub(crate) fn create(path: &Path, direct_ok: Arc<AtomicBool>) -> io::Result<PackAppender> {
+        let direct = direct_ok.load(Ordering::Relaxed);
+        let file = match direct.then(|| create_direct(path)) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) if !is_refusal(&e) => return Err(e),
+            refusal => {
+                if let Some(Err(e)) = refusal {
+                    refused(&direct_ok, &e);
+                }
+                // (A refusing open may have made the file already.)
                 OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .open(path)?,
-                false,
-            ),
-            Err(e) => return Err(e),
+                    .open(path)?
+            }
         };
         let (to_writer, jobs) = std::sync::mpsc::channel::<(u64, AlignedVec)>();
         let (done, from_writer) = std::sync::mpsc::channel();
         let mut w = BlockWriter {
             path: path.to_path_buf(),
             file,
-            direct,
+            direct: direct.then_some(direct_ok),
             #[cfg(test)]
             fail_writes: Arc::default(),
         };
@@ -426,7 +434,8 @@ impl Write for PackAppender {
 struct BlockWriter {
     path: PathBuf,
     file: File,
-    direct: bool,
+    /// The store's flag while `file` is open for direct writes.
+    direct: Option<Arc<AtomicBool>>,
     #[cfg(test)]
     fail_writes: Arc<std::sync::atomic::AtomicU32>,
 }
@@ -447,9 +456,10 @@ impl BlockWriter {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let r = match self.file.write_all_at(blocks.bytes(), at) {
-            Err(e) if self.direct && is_refusal(&e) => {
-                tracing::warn!(error = %e, "the file system refused a direct pack write; writing packs through the page cache");
-                self.direct = false;
+            Err(e) if self.direct.is_some() && is_refusal(&e) => {
+                if let Some(flag) = self.direct.take() {
+                    refused(&flag, &e);
+                }
                 OpenOptions::new()
                     .write(true)
                     .open(&self.path)
@@ -500,8 +510,7 @@ impl AlignedVec {
             return;
         }
         let need = need.max(2 * self.raw.len().saturating_sub(DIRECT_ALIGN));
-        let mut raw = vec![0u8; need + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let (mut raw, start) = aligned_zeroed(need);
         raw[start..start + self.len].copy_from_slice(self.bytes());
         (self.raw, self.start) = (raw, start);
     }
@@ -531,8 +540,9 @@ type Handles = Mutex<Vec<(PackId, Arc<File>)>>;
 pub(crate) struct HandleCache {
     entries: Handles,
     direct: Handles,
-    /// False once the file system refused direct I/O.
-    direct_ok: AtomicBool,
+    /// False once the file system refused direct I/O (reads or pack
+    /// writes; see [`refused`]).
+    direct_ok: Arc<AtomicBool>,
 }
 
 impl Default for HandleCache {
@@ -540,7 +550,7 @@ impl Default for HandleCache {
         HandleCache {
             entries: Mutex::default(),
             direct: Mutex::default(),
-            direct_ok: AtomicBool::new(cfg!(target_os = "linux")),
+            direct_ok: Arc::new(AtomicBool::new(cfg!(target_os = "linux"))),
         }
     }
 }
@@ -554,6 +564,11 @@ impl HandleCache {
             let mut g = cache.lock().unwrap_or_else(|p| p.into_inner());
             g.retain(|(p, _)| p != id);
         }
+    }
+
+    /// The store's "direct I/O allowed" flag, for pack writes.
+    pub fn direct_ok(&self) -> Arc<AtomicBool> {
+        self.direct_ok.clone()
     }
 
     pub fn get(&self, layout: &Layout, id: &PackId) -> io::Result<Arc<File>> {
@@ -579,9 +594,7 @@ impl HandleCache {
         match file.and_then(|f| read_span(&f, offset, len, buf)) {
             Ok(at) => Ok(Some(at)),
             Err(e) if is_refusal(&e) => {
-                if self.direct_ok.swap(false, Ordering::Relaxed) {
-                    tracing::debug!("direct reads of packs refused ({e}); reading through the page cache from now on");
-                }
+                refused(&self.direct_ok, &e);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -643,11 +656,19 @@ impl AlignedBuf {
     fn reserve(&mut self, skip: usize, len: usize) -> (usize, usize) {
         let span = (skip + len).next_multiple_of(DIRECT_ALIGN);
         if self.raw.len() < span + DIRECT_ALIGN {
-            self.raw = vec![0u8; span + DIRECT_ALIGN];
+            self.raw = aligned_zeroed(span).0;
         }
         let start = self.raw.as_ptr().align_offset(DIRECT_ALIGN);
         (start.min(DIRECT_ALIGN), span)
     }
+}
+
+/// A zeroed buffer with room for `len` bytes from an aligned offset, and
+/// that offset.
+fn aligned_zeroed(len: usize) -> (Vec<u8>, usize) {
+    let raw = vec![0u8; len + DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    (raw, start)
 }
 
 /// Reads `[offset, offset + len)` of `file` (opened `O_DIRECT`) widened to
@@ -687,6 +708,14 @@ fn with_direct(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
 #[cfg(not(target_os = "linux"))]
 fn with_direct(_: &mut OpenOptions, _: &Path) -> io::Result<File> {
     Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+}
+
+/// Turns the store to page-cache reads and writes for good after a refusal
+/// of direct I/O (logged once).
+fn refused(direct_ok: &AtomicBool, e: &io::Error) {
+    if direct_ok.swap(false, Ordering::Relaxed) {
+        tracing::debug!("direct I/O on packs refused ({e}); reading and writing them through the page cache from now on");
+    }
 }
 
 /// How a file system says "no direct I/O here".
@@ -891,8 +920,6 @@ mod tests {
     #[test]
     fn pack_appender_writes_every_byte_once_in_order() {
         let d = tempfile::tempdir().expect("tempdir");
-        let p = d.path().join("a.pack.tmp");
-        let mut a = PackAppender::create(&p).expect("create");
         let sizes = [
             13,
             4096,
@@ -906,16 +933,27 @@ mod tests {
             2,
             900_001,
         ];
-        let want = append_records(&mut a, &sizes, 1);
-        assert!(a.at > 0, "some blocks were written before the seal");
-        assert!(sealed_bytes(&p, a) == want);
+        // Direct writes, and buffered ones once the store's flag is off.
+        for direct in [true, false] {
+            let p = d.path().join(format!("{direct}.pack.tmp"));
+            let flag = Arc::new(AtomicBool::new(direct));
+            let mut a = PackAppender::create(&p, flag.clone()).expect("create");
+            let want = append_records(&mut a, &sizes, 1);
+            assert!(a.at > 0, "some blocks were written before the seal");
+            assert!(sealed_bytes(&p, a) == want);
+            assert_eq!(
+                flag.load(Ordering::Relaxed),
+                direct,
+                "this file system allows O_DIRECT"
+            );
+        }
     }
 
     #[test]
     fn pack_appender_keeps_the_bytes_of_a_failed_write_and_writes_them_again() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("b.pack.tmp");
-        let mut a = PackAppender::create(&p).expect("create");
+        let mut a = PackAppender::create(&p, Arc::new(AtomicBool::new(true))).expect("create");
         let mut want = append_records(&mut a, &[1_500_000, 77], 2);
         a.settle(true).expect("first write");
         let written = a.at;

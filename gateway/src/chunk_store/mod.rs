@@ -253,8 +253,9 @@ impl StoreError {
 }
 
 /// The pack currently accepting appends. Its records go to a `*.tmp` file
-/// beside its final path as they come (memory holds the TOC entries and at
-/// most a few MiB of records not written yet), whatever the pack size.
+/// beside its final path as they come (memory holds the TOC entries and the
+/// records not written yet: see [`files::PackAppender`]), whatever the pack
+/// size.
 struct OpenPack {
     builder: PackFile,
     key: [u8; 32],
@@ -321,7 +322,7 @@ impl PackFile {
             if let Some(dir) = self.tmp.parent() {
                 files::ensure_dir(dir)?;
             }
-            let f = files::PackAppender::create(&self.tmp)?;
+            let f = files::PackAppender::create(&self.tmp, self.shared.handles.direct_ok())?;
             self.w = Some(PackWriter::new(f, self.id)?);
         }
         let w = self
