@@ -3,6 +3,7 @@
 //! bodies (chunk uploads and stream indexes) use the small binary framings
 //! defined at the end of this module.
 
+use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ChunkHash, ChunkId};
@@ -524,6 +525,9 @@ pub enum FrameError {
     /// A record declares a length beyond the allowed maximum.
     #[error("chunk record of {0} bytes exceeds the {MAX_CHUNK_SIZE}-byte maximum")]
     TooLarge(u64),
+    /// The body is larger than the request may be.
+    #[error("upload body exceeds the {0}-byte limit")]
+    BodyTooLarge(usize),
     /// A payload frame of a kind this version does not know.
     #[error("payload frame of unknown kind {0}")]
     UnknownKind(u8),
@@ -535,15 +539,15 @@ pub enum FrameError {
 /// delta against that base; the hint never changes what is stored.
 pub const CHUNK_RECORD_BASE_FLAG: u32 = 1 << 31;
 
-/// One record of a chunk upload body.
+/// One record of a chunk upload body, as [`ChunkRecordSplitter`] yields it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRecord {
     /// BLAKE3 of the data (the gateway checks it).
     pub hash: ChunkHash,
     /// Base hint, if the record carries one.
     pub base: Option<ChunkHash>,
-    /// Where the data lies in the body.
-    pub data: std::ops::Range<usize>,
+    /// The chunk's bytes.
+    pub data: Bytes,
 }
 
 /// The bytes before a chunk record's data: `hash[32] | len u32 LE`, or with a
@@ -579,48 +583,147 @@ pub fn put_chunk_record_with_base(
     body.extend_from_slice(data);
 }
 
-/// Splits a chunk upload body into its records.
-pub fn parse_chunk_records(body: &[u8]) -> Result<Vec<ChunkRecord>, FrameError> {
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    while pos < body.len() {
-        if body.len() - pos < 36 {
-            return Err(FrameError::Truncated("chunk"));
+/// Bytes before a record's data: hash and length word, then the base hint
+/// when the length word's [`CHUNK_RECORD_BASE_FLAG`] is set.
+const RECORD_HEAD: usize = 36;
+const RECORD_HEAD_WITH_BASE: usize = RECORD_HEAD + 32;
+
+/// Splits a chunk upload body into its records as the body arrives, piece
+/// by piece (each piece as the transport delivers it), so the gateway can
+/// store the first chunk while the rest is still on the wire.
+///
+/// A record that lies whole inside one piece is handed on as a slice of
+/// that piece; one that spans pieces is gathered once into a buffer of its
+/// declared length (the one copy a chunk takes on its way to the
+/// compressor). The body's total size is bounded by `limit`.
+#[derive(Debug)]
+pub struct ChunkRecordSplitter {
+    head: [u8; RECORD_HEAD_WITH_BASE],
+    head_len: usize,
+    partial: Option<PartialRecord>,
+    seen: usize,
+    limit: usize,
+}
+
+#[derive(Debug)]
+struct PartialRecord {
+    hash: ChunkHash,
+    base: Option<ChunkHash>,
+    len: usize,
+    data: BytesMut,
+}
+
+impl ChunkRecordSplitter {
+    /// A splitter for one body of at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            head: [0; RECORD_HEAD_WITH_BASE],
+            head_len: 0,
+            partial: None,
+            seen: 0,
+            limit,
         }
-        let mut h = [0u8; 32];
-        h.copy_from_slice(&body[pos..pos + 32]);
-        let mut l = [0u8; 4];
-        l.copy_from_slice(&body[pos + 32..pos + 36]);
-        let word = u32::from_le_bytes(l);
-        let len = word & !CHUNK_RECORD_BASE_FLAG;
-        if len > MAX_CHUNK_SIZE {
-            return Err(FrameError::TooLarge(len as u64));
-        }
-        let mut start = pos + 36;
-        let base = if word & CHUNK_RECORD_BASE_FLAG != 0 {
-            let b = body
-                .get(start..start + 32)
-                .ok_or(FrameError::Truncated("chunk"))?;
-            start += 32;
-            let mut bh = [0u8; 32];
-            bh.copy_from_slice(b);
-            Some(ChunkHash(bh))
-        } else {
-            None
-        };
-        let end = start
-            .checked_add(len as usize)
-            .ok_or(FrameError::Truncated("chunk"))?;
-        if end > body.len() {
-            return Err(FrameError::Truncated("chunk"));
-        }
-        out.push(ChunkRecord {
-            hash: ChunkHash(h),
-            base,
-            data: start..end,
-        });
-        pos = end;
     }
+
+    /// Takes the next piece of the body; every record it completes is
+    /// appended to `out`.
+    pub fn push(&mut self, mut piece: Bytes, out: &mut Vec<ChunkRecord>) -> Result<(), FrameError> {
+        self.seen = self.seen.saturating_add(piece.len());
+        if self.seen > self.limit {
+            return Err(FrameError::BodyTooLarge(self.limit));
+        }
+        while !piece.is_empty() {
+            if let Some(p) = &mut self.partial {
+                let take = (p.len - p.data.len()).min(piece.len());
+                p.data.extend_from_slice(&piece.split_to(take));
+                if p.data.len() == p.len {
+                    if let Some(p) = self.partial.take() {
+                        out.push(ChunkRecord {
+                            hash: p.hash,
+                            base: p.base,
+                            data: p.data.freeze(),
+                        });
+                    }
+                }
+                continue;
+            }
+            let want = if self.head_len >= RECORD_HEAD && self.has_base() {
+                RECORD_HEAD_WITH_BASE
+            } else {
+                RECORD_HEAD
+            };
+            let take = (want - self.head_len).min(piece.len());
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&piece[..take]);
+            self.head_len += take;
+            piece.advance(take);
+            if self.head_len < RECORD_HEAD {
+                continue;
+            }
+            let len = self.length_word() & !CHUNK_RECORD_BASE_FLAG;
+            if len > MAX_CHUNK_SIZE {
+                return Err(FrameError::TooLarge(u64::from(len)));
+            }
+            if self.head_len < want || (want == RECORD_HEAD && self.has_base()) {
+                continue;
+            }
+            let (hash, base) = self.decode_head();
+            let len = len as usize;
+            self.head_len = 0;
+            if piece.len() >= len {
+                // Whole in this piece: no copy.
+                out.push(ChunkRecord {
+                    hash,
+                    base,
+                    data: piece.split_to(len),
+                });
+            } else {
+                self.partial = Some(PartialRecord {
+                    hash,
+                    base,
+                    len,
+                    data: BytesMut::with_capacity(len),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the body: an error when it stopped inside a record.
+    pub fn finish(self) -> Result<(), FrameError> {
+        if self.head_len > 0 || self.partial.is_some() {
+            return Err(FrameError::Truncated("chunk"));
+        }
+        Ok(())
+    }
+
+    fn has_base(&self) -> bool {
+        self.length_word() & CHUNK_RECORD_BASE_FLAG != 0
+    }
+
+    fn length_word(&self) -> u32 {
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&self.head[32..RECORD_HEAD]);
+        u32::from_le_bytes(l)
+    }
+
+    fn decode_head(&self) -> (ChunkHash, Option<ChunkHash>) {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&self.head[..32]);
+        let base = self.has_base().then(|| {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&self.head[RECORD_HEAD..RECORD_HEAD_WITH_BASE]);
+            ChunkHash(b)
+        });
+        (ChunkHash(h), base)
+    }
+}
+
+/// Splits a whole chunk upload body into its records.
+pub fn parse_chunk_records(body: Bytes) -> Result<Vec<ChunkRecord>, FrameError> {
+    let mut split = ChunkRecordSplitter::new(usize::MAX);
+    let mut out = Vec::new();
+    split.push(body, &mut out)?;
+    split.finish()?;
     Ok(out)
 }
 
@@ -818,28 +921,70 @@ mod tests {
             Some(&ChunkHash([4; 32])),
             b"xy",
         );
-        let recs = parse_chunk_records(&body).expect("parse");
+        let body = Bytes::from(body);
+        let recs = parse_chunk_records(body.clone()).expect("parse");
         assert_eq!(recs.len(), 3);
-        assert_eq!(&body[recs[0].data.clone()], b"hello");
+        assert_eq!(&recs[0].data[..], b"hello");
         assert_eq!(recs[0].base, None);
         assert_eq!(recs[1].hash, ChunkHash([2; 32]));
+        assert!(recs[1].data.is_empty());
         assert_eq!(recs[2].base, Some(ChunkHash([4; 32])));
-        assert_eq!(&body[recs[2].data.clone()], b"xy");
+        assert_eq!(&recs[2].data[..], b"xy");
         // A base hint cut short is a truncated record.
         assert_eq!(
-            parse_chunk_records(&body[..body.len() - 20]),
+            parse_chunk_records(body.slice(..body.len() - 20)),
             Err(FrameError::Truncated("chunk"))
         );
         assert_eq!(
-            parse_chunk_records(&body[..body.len() - 1]),
+            parse_chunk_records(body.slice(..body.len() - 1)),
             Err(FrameError::Truncated("chunk"))
         );
         let mut huge = vec![0u8; 32];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            parse_chunk_records(&huge),
+            parse_chunk_records(Bytes::from(huge)),
             Err(FrameError::TooLarge(_))
         ));
+        // The limit counts every byte of the body, records or not.
+        let mut split = ChunkRecordSplitter::new(body.len() - 1);
+        assert_eq!(
+            split.push(body.clone(), &mut Vec::new()),
+            Err(FrameError::BodyTooLarge(body.len() - 1))
+        );
+    }
+
+    proptest::proptest! {
+        /// However the transport cuts the body into pieces, the splitter
+        /// yields the same records, in order, as from the whole body.
+        #[test]
+        fn chunk_records_split_anywhere_come_out_the_same(
+            records in proptest::collection::vec(
+                (proptest::prelude::any::<u8>(), proptest::option::of(proptest::prelude::any::<u8>()), 0usize..300),
+                0..8,
+            ),
+            cuts in proptest::collection::vec(0usize..3000, 0..12),
+        ) {
+            let mut body = Vec::new();
+            let mut want = Vec::new();
+            for (i, (h, b, len)) in records.iter().enumerate() {
+                let data: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
+                let base = b.map(|b| ChunkHash([b; 32]));
+                put_chunk_record_with_base(&mut body, &ChunkHash([*h; 32]), base.as_ref(), &data);
+                want.push(ChunkRecord { hash: ChunkHash([*h; 32]), base, data: Bytes::from(data) });
+            }
+            let body = Bytes::from(body);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(body.len());
+            cuts.sort_unstable();
+            let mut split = ChunkRecordSplitter::new(body.len());
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                split.push(body.slice(w[0]..w[1]), &mut got).expect("push");
+            }
+            split.finish().expect("finish");
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -176,6 +176,39 @@ async fn every_route_needs_the_right_credential() {
     )
     .await;
     assert_eq!(s, 400);
+    // A record declaring more than the largest chunk, and a body over the
+    // request limit (nine records of the largest chunk size), are refused
+    // while they stream in.
+    let mut body = vec![0u8; 32];
+    body.extend_from_slice(&(MAX_CHUNK_SIZE + 1).to_le_bytes());
+    let (s, b) = status(c.post(&chunks).bearer_auth(&creds[0]).body(body)).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["message"].as_str().unwrap_or("").contains("maximum"),
+        "{b}"
+    );
+    let mut body = Vec::new();
+    for i in 0..9u8 {
+        let data = vec![i; MAX_CHUNK_SIZE as usize];
+        let h = tierback_format::ids::ChunkHash(*blake3::hash(&data).as_bytes());
+        put_chunk_record(&mut body, &h, &data);
+    }
+    // The gateway answers before the client has sent it all, so the client
+    // sees either that answer or the connection closed under its writes.
+    match c
+        .post(&chunks)
+        .bearer_auth(&creds[0])
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            assert_eq!(r.status().as_u16(), 400);
+            let b: serde_json::Value = r.json().await.expect("json");
+            assert!(b["message"].as_str().unwrap_or("").contains("limit"), "{b}");
+        }
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
     let evil = StreamSpec {
         path: "../../etc/passwd".into(),
         ..stream

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::Json;
+use futures_util::StreamExt;
 use tierback_format::ids::{ChunkHash, PointId};
 use tierback_format::index::DiskIndex;
 use tierback_format::wire::*;
@@ -289,41 +290,58 @@ pub async fn chunks(
     State(st): State<SharedState>,
     AgentAuth(agent): AgentAuth,
     Path(sid): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<ChunksResponse>, ApiError> {
     let sess = session(&st, &sid, &agent.id).await?;
-    let resp = store_chunk_records(&st, &body).await?;
+    let resp = store_chunk_records(&st, body).await?;
     let mut s = sess.lock().await;
     s.stored_bytes += resp.stored_bytes;
     s.stored_chunks += resp.stored as u64;
     Ok(Json(resp))
 }
 
-/// Chunks of one upload request in flight at once (each holds a slice of the
-/// request body and its compressed copy).
+/// Chunks of one upload request in flight at once (each holds its bytes and
+/// its compressed copy).
 const MAX_PUTS_PER_REQUEST: usize = 16;
 
+/// Largest chunk upload body: the records' data plus their heads.
+pub(crate) const MAX_UPLOAD_BODY: usize = tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20);
+
 /// Stores every chunk record of an upload body (each re-hashed by the
-/// store). Chunks of one request are stored concurrently (the store bounds
-/// the CPU work to one chunk per core and serialises only the append to the
-/// open pack).
+/// store) as the body arrives: a chunk goes to the store as soon as its last
+/// byte is in, while the rest of the body is still on the wire. Chunks of
+/// one request are stored concurrently (the store bounds the CPU work to one
+/// chunk per core and serialises only the append to the open pack). A body
+/// that breaks off or is malformed fails the request; chunks stored before
+/// that stay (content-addressed, unreferenced until a commit names them).
 pub(crate) async fn store_chunk_records(
     st: &SharedState,
-    body: &Bytes,
+    body: Body,
 ) -> Result<ChunksResponse, ApiError> {
-    let records = parse_chunk_records(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut split = ChunkRecordSplitter::new(MAX_UPLOAD_BODY);
+    let mut body = body.into_data_stream();
+    let mut records = Vec::new();
     let mut resp = ChunksResponse::default();
     let mut set = tokio::task::JoinSet::new();
-    for r in records {
-        let store = st.store.clone();
-        let data = body.slice(r.data);
-        set.spawn(async move { store.put_with_base(r.hash, data, r.base).await });
-        while set.len() >= MAX_PUTS_PER_REQUEST {
-            if let Some(r) = set.join_next().await {
-                tally(&mut resp, r)?;
+    while let Some(piece) = body.next().await {
+        let piece =
+            piece.map_err(|e| ApiError::BadRequest(format!("reading the upload body: {e}")))?;
+        split
+            .push(piece, &mut records)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        for r in records.drain(..) {
+            let store = st.store.clone();
+            set.spawn(async move { store.put_with_base(r.hash, r.data, r.base).await });
+            while set.len() >= MAX_PUTS_PER_REQUEST {
+                if let Some(r) = set.join_next().await {
+                    tally(&mut resp, r)?;
+                }
             }
         }
     }
+    split
+        .finish()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     while let Some(r) = set.join_next().await {
         tally(&mut resp, r)?;
     }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -46,7 +46,7 @@ pub fn routes() -> Router<SharedState> {
         )
         .route("/v1/admin/import/{session}/commit", post(commit))
         .route("/v1/admin/import/{session}/abort", post(abort))
-        .layer(DefaultBodyLimit::max(MAX_CHUNK_BATCH_BYTES + (1 << 20)))
+        .layer(DefaultBodyLimit::max(super::agent::MAX_UPLOAD_BODY))
 }
 
 /// `GET /v1/agent/vms/{vm}/seed-params`: the chunk size an export of the VM
@@ -194,10 +194,10 @@ async fn chunks(
     State(st): State<SharedState>,
     _a: AdminAuth,
     Path(sid): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<ChunksResponse>, ApiError> {
     let sess = session(&st, &sid).await?;
-    let resp = super::agent::store_chunk_records(&st, &body).await?;
+    let resp = super::agent::store_chunk_records(&st, body).await?;
     let mut s = sess.lock().await;
     s.stored_bytes += resp.stored_bytes;
     s.stored_chunks += u64::from(resp.stored);

@@ -62,9 +62,7 @@ pub fn router(state: SharedState) -> Router {
             post(consistency::compare),
         )
         .route("/v1/agent/jobs/{id}/fail", post(jobs::fail))
-        .layer(DefaultBodyLimit::max(
-            tierback_format::wire::MAX_CHUNK_BATCH_BYTES + (1 << 20),
-        ));
+        .layer(DefaultBodyLimit::max(agent::MAX_UPLOAD_BODY));
     let admin = Router::new()
         .route("/v1/admin/vms", get(admin::vms))
         .route("/v1/admin/points", get(admin::points))
