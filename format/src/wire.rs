@@ -256,6 +256,11 @@ pub struct ChunksResponse {
     pub duplicate: u32,
     /// Bytes they take in the store (compressed, sealed).
     pub stored_bytes: u64,
+    /// Hashes of patch records ([`CHUNK_RECORD_PATCH_FLAG`]) not stored: the
+    /// base is gone or the rebuilt chunk does not match its hash. The agent
+    /// sends these chunks whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<ChunkHash>,
 }
 
 /// `POST /v1/agent/backups/{session}/commit`.
@@ -528,6 +533,9 @@ pub enum FrameError {
     /// The body is larger than the request may be.
     #[error("upload body exceeds the {0}-byte limit")]
     BodyTooLarge(usize),
+    /// A patch record that cannot be applied as it stands.
+    #[error("bad chunk patch: {0}")]
+    BadPatch(&'static str),
     /// A payload frame of a kind this version does not know.
     #[error("payload frame of unknown kind {0}")]
     UnknownKind(u8),
@@ -539,6 +547,24 @@ pub enum FrameError {
 /// delta against that base; the hint never changes what is stored.
 pub const CHUNK_RECORD_BASE_FLAG: u32 = 1 << 31;
 
+/// Bit of a chunk record's length word, only with [`CHUNK_RECORD_BASE_FLAG`]:
+/// the record's data is not the chunk but a patch of its base, the 4 KiB
+/// blocks the agent's change tracking reports written since the base point:
+/// `chunk_len u32 LE | bitmap[⌈⌈chunk_len / 4096⌉ / 8⌉] | blocks`, bit i
+/// (LSB first) set when block i is in `blocks` (in order; the last block of a
+/// chunk may be short), every other block taken from the base. The gateway
+/// rebuilds the chunk, checks it against the record's hash and, when the base
+/// is gone or the result does not match (tracking that under-reported),
+/// names the hash in [`ChunksResponse::refused`]: the agent then sends the
+/// whole chunk. See [`apply_chunk_patch`].
+pub const CHUNK_RECORD_PATCH_FLAG: u32 = 1 << 30;
+
+/// Block size of a chunk patch ([`CHUNK_RECORD_PATCH_FLAG`]).
+pub const PATCH_BLOCK: usize = 4096;
+
+/// The length bits of a chunk record's length word.
+const RECORD_LEN_MASK: u32 = !(CHUNK_RECORD_BASE_FLAG | CHUNK_RECORD_PATCH_FLAG);
+
 /// One record of a chunk upload body, as [`ChunkRecordSplitter`] yields it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRecord {
@@ -546,7 +572,10 @@ pub struct ChunkRecord {
     pub hash: ChunkHash,
     /// Base hint, if the record carries one.
     pub base: Option<ChunkHash>,
-    /// The chunk's bytes.
+    /// `data` is a patch of the base ([`CHUNK_RECORD_PATCH_FLAG`]), not the
+    /// chunk.
+    pub patch: bool,
+    /// The chunk's bytes (or the patch).
     pub data: Bytes,
 }
 
@@ -564,6 +593,63 @@ pub fn chunk_record_head(hash: &ChunkHash, base: Option<&ChunkHash>, len: usize)
         None => head.extend_from_slice(&len.to_le_bytes()),
     }
     head
+}
+
+/// The bytes before a patch record's blocks ([`CHUNK_RECORD_PATCH_FLAG`]):
+/// `hash | length word | base | chunk_len | bitmap`; the record's blocks
+/// (`blocks_len` bytes) follow.
+pub fn chunk_patch_head(
+    hash: &ChunkHash,
+    base: &ChunkHash,
+    chunk_len: usize,
+    bitmap: &[u8],
+    blocks_len: usize,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(RECORD_HEAD_WITH_BASE + 4 + bitmap.len());
+    head.extend_from_slice(&hash.0);
+    let len = (4 + bitmap.len() + blocks_len) as u32;
+    head.extend_from_slice(&(len | CHUNK_RECORD_BASE_FLAG | CHUNK_RECORD_PATCH_FLAG).to_le_bytes());
+    head.extend_from_slice(&base.0);
+    head.extend_from_slice(&(chunk_len as u32).to_le_bytes());
+    head.extend_from_slice(bitmap);
+    head
+}
+
+/// Rebuilds a chunk from its base's plaintext and a patch record's data
+/// ([`CHUNK_RECORD_PATCH_FLAG`]). The caller checks the result against the
+/// record's hash.
+pub fn apply_chunk_patch(base: &[u8], patch: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let (len, rest) = patch
+        .split_first_chunk::<4>()
+        .ok_or(FrameError::BadPatch("truncated"))?;
+    let len = u32::from_le_bytes(*len);
+    if len > MAX_CHUNK_SIZE {
+        return Err(FrameError::TooLarge(u64::from(len)));
+    }
+    let len = len as usize;
+    let blocks = len.div_ceil(PATCH_BLOCK);
+    let (bitmap, mut data) = rest
+        .split_at_checked(blocks.div_ceil(8))
+        .ok_or(FrameError::BadPatch("truncated"))?;
+    let mut out = Vec::with_capacity(len);
+    for i in 0..blocks {
+        let (start, end) = (i * PATCH_BLOCK, ((i + 1) * PATCH_BLOCK).min(len));
+        if (bitmap[i / 8] >> (i % 8)) & 1 == 1 {
+            let (b, r) = data
+                .split_at_checked(end - start)
+                .ok_or(FrameError::BadPatch("truncated"))?;
+            out.extend_from_slice(b);
+            data = r;
+        } else {
+            out.extend_from_slice(base.get(start..end).ok_or(FrameError::BadPatch(
+                "an unchanged block lies beyond the base",
+            ))?);
+        }
+    }
+    if !data.is_empty() {
+        return Err(FrameError::BadPatch("more blocks than its bitmap names"));
+    }
+    Ok(out)
 }
 
 /// Appends one chunk record (`hash[32] | len u32 LE | data`) to a chunk upload body.
@@ -609,6 +695,7 @@ pub struct ChunkRecordSplitter {
 struct PartialRecord {
     hash: ChunkHash,
     base: Option<ChunkHash>,
+    patch: bool,
     len: usize,
     data: BytesMut,
 }
@@ -641,6 +728,7 @@ impl ChunkRecordSplitter {
                         out.push(ChunkRecord {
                             hash: p.hash,
                             base: p.base,
+                            patch: p.patch,
                             data: p.data.freeze(),
                         });
                     }
@@ -659,9 +747,14 @@ impl ChunkRecordSplitter {
             if self.head_len < RECORD_HEAD {
                 continue;
             }
-            let len = self.length_word() & !CHUNK_RECORD_BASE_FLAG;
+            let word = self.length_word();
+            let len = word & RECORD_LEN_MASK;
             if len > MAX_CHUNK_SIZE {
                 return Err(FrameError::TooLarge(u64::from(len)));
+            }
+            let patch = word & CHUNK_RECORD_PATCH_FLAG != 0;
+            if patch && !self.has_base() {
+                return Err(FrameError::BadPatch("a patch record without its base"));
             }
             if self.head_len < want || (want == RECORD_HEAD && self.has_base()) {
                 continue;
@@ -674,12 +767,14 @@ impl ChunkRecordSplitter {
                 out.push(ChunkRecord {
                     hash,
                     base,
+                    patch,
                     data: piece.split_to(len),
                 });
             } else {
                 self.partial = Some(PartialRecord {
                     hash,
                     base,
+                    patch,
                     len,
                     data: BytesMut::with_capacity(len),
                 });
@@ -953,6 +1048,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_patch_record_rebuilds_its_chunk_from_the_base() {
+        // 3 blocks and a short fourth; blocks 1 and 3 changed.
+        let len = 3 * PATCH_BLOCK + 100;
+        let base: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut new = base.clone();
+        new[PATCH_BLOCK + 7] ^= 0xff;
+        new[3 * PATCH_BLOCK + 99] ^= 0xff;
+        let mut blocks = new[PATCH_BLOCK..2 * PATCH_BLOCK].to_vec();
+        blocks.extend_from_slice(&new[3 * PATCH_BLOCK..]);
+        let (h, b) = (ChunkHash([1; 32]), ChunkHash([2; 32]));
+        let mut body = chunk_patch_head(&h, &b, len, &[0b1010], blocks.len());
+        body.extend_from_slice(&blocks);
+        let recs = parse_chunk_records(Bytes::from(body)).expect("parse");
+        assert_eq!(recs.len(), 1);
+        assert!(recs[0].patch);
+        assert_eq!(recs[0].base, Some(b));
+        assert_eq!(apply_chunk_patch(&base, &recs[0].data).expect("apply"), new);
+        // Cut short, one block too many, a base too short for a kept block.
+        let data = &recs[0].data;
+        assert_eq!(
+            apply_chunk_patch(&base, &data[..data.len() - 1]),
+            Err(FrameError::BadPatch("truncated"))
+        );
+        let mut long = data.to_vec();
+        long.push(0);
+        assert!(apply_chunk_patch(&base, &long).is_err());
+        assert!(apply_chunk_patch(&base[..PATCH_BLOCK], data).is_err());
+        // A patch needs its base hint.
+        let mut bad = vec![0u8; 32];
+        bad.extend_from_slice(&(4 | CHUNK_RECORD_PATCH_FLAG).to_le_bytes());
+        bad.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            parse_chunk_records(Bytes::from(bad)),
+            Err(FrameError::BadPatch(_))
+        ));
+    }
+
     proptest::proptest! {
         /// However the transport cuts the body into pieces, the splitter
         /// yields the same records, in order, as from the whole body.
@@ -970,7 +1103,7 @@ mod tests {
                 let data: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
                 let base = b.map(|b| ChunkHash([b; 32]));
                 put_chunk_record_with_base(&mut body, &ChunkHash([*h; 32]), base.as_ref(), &data);
-                want.push(ChunkRecord { hash: ChunkHash([*h; 32]), base, data: Bytes::from(data) });
+                want.push(ChunkRecord { hash: ChunkHash([*h; 32]), base, patch: false, data: Bytes::from(data) });
             }
             let body = Bytes::from(body);
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();

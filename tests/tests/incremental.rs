@@ -273,8 +273,8 @@ fn three_percent(mode: Mode) {
     // Small writes into pages that hold data and are otherwise unchanged:
     // the gateway stores these chunks as deltas against day 1's.
     for (k, off, len) in [
-        (0u64, 75 * MIB + 8192, 4096),
-        (1, 100 * MIB + 307_200, 65_536),
+        (0u64, 1025 * MIB + 8192, 4096),
+        (1, 1050 * MIB + 307_200, 65_536),
     ] {
         let d = pattern(200 + k, len);
         img.write(off, &d);
@@ -314,11 +314,12 @@ fn three_percent(mode: Mode) {
     let r2 = e.agent.backup("big");
     let d = &r2["disks"][0];
     println!(
-        "{mode:?}: changed {} MiB; read {} B from the disk ({} B total), sent {} B, {:.1} s",
+        "{mode:?}: changed {} MiB; read {} B from the disk ({} B total), sent {} B ({} chunks as patches), {:.1} s",
         changed_bytes / MIB,
         d["bytes_read"],
         r2["bytes_read"],
         r2["bytes_sent"],
+        r2["patched_chunks"],
         r2["seconds"].as_f64().unwrap_or(0.0)
     );
     let want_method = match mode {
@@ -334,6 +335,9 @@ fn three_percent(mode: Mode) {
         assert!(u(&d["bytes_read"]) >= 160 * MIB, "{r2}");
     } else {
         assert_eq!(d["state"], "tracking", "{r2}");
+        // The two chunks with small writes go as patches of day 1's: only
+        // the 4 KiB blocks tracking reports written.
+        assert_eq!(u(&r2["patched_chunks"]), 2, "{r2}");
         within_10pct(
             u(&d["bytes_read"]),
             changed_bytes,
@@ -378,6 +382,50 @@ fn compare_incremental_sends_only_changed_chunks() {
 }
 
 /// One small VM per failure case of change tracking.
+/// Tracking that reports only part of a write inside a chunk: the patch
+/// the agent sends does not rebuild the chunk, the gateway refuses it, the
+/// agent sends the chunk whole and says so; the restore is exact.
+#[test]
+fn a_patch_from_under_reported_ranges_is_refused_and_the_chunk_sent_whole() {
+    let e = env();
+    let vm = new_vm(&e.host, "under", "3e100000-0000-0000-0000-000000000001");
+    let mut img = Image::new(64 * MIB);
+    img.fill(30, [0u64, 2, 4]);
+    img.write_vhdx(&disk_path(&vm, "d.vhdx"));
+    set_disks(&vm, &[("d.vhdx", "0:0")]);
+    write_rct(&vm, "d.vhdx", "rct-0001", json!({}));
+    let r1 = e.agent.backup("under");
+    assert_eq!(r1["disks"][0]["method"], "full");
+
+    // Two writes of 8 KiB: the first reported in full, the second only its
+    // first 4 KiB.
+    img.write(2 * MIB + 65_536, &pattern(31, 8192));
+    img.write(4 * MIB + 65_536, &pattern(32, 8192));
+    img.write_vhdx(&disk_path(&vm, "d.vhdx"));
+    write_rct(
+        &vm,
+        "d.vhdx",
+        "rct-0002",
+        json!({ "rct-0001": [[2 * MIB + 65_536, 8192], [4 * MIB + 65_536, 4096]] }),
+    );
+    let r2 = e.agent.backup("under");
+    assert_eq!(r2["disks"][0]["method"], "rct", "{r2}");
+    assert_eq!(u(&r2["sent_chunks"]), 2, "{r2}");
+    assert_eq!(u(&r2["patched_chunks"]), 1, "{r2}");
+    // 8 KiB + 4 KiB as patches, then the refused chunk whole.
+    assert_eq!(u(&r2["bytes_sent"]), 8192 + 4096 + MIB, "{r2}");
+    let alerts = r2["alerts"].as_array().expect("alerts");
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.as_str().unwrap_or("").contains("did not rebuild")),
+        "{r2}"
+    );
+    let out = e.t.path().join("under.raw");
+    restore(&e.gw, r2["point"].as_str().expect("point"), 0, &out);
+    img.assert_restored(&out, "under-reported incremental");
+}
+
 #[test]
 fn tracking_failures_fall_back_and_say_so() {
     let e = env();

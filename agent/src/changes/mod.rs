@@ -190,6 +190,11 @@ pub struct DiskPlan {
     /// would not be smaller and the gateway would read and decode that base
     /// for nothing.
     pub rewritten: Vec<u64>,
+    /// The byte ranges the change source reports written since the base
+    /// point, merged and ascending (tracking plans only): chunks they cover
+    /// in part are uploaded as patches of their base (the written 4 KiB
+    /// blocks only, `CHUNK_RECORD_PATCH_FLAG`).
+    pub dirty: Option<Arc<Vec<(u64, u64)>>>,
     pub base_stream: Option<u32>,
     pub alerts: Vec<String>,
     pub sample_chunks: u64,
@@ -230,6 +235,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
         read: allocated.clone(),
         prev: None,
         rewritten: Vec::new(),
+        dirty: None,
         base_stream: None,
         alerts: Vec::new(),
         sample_chunks: 0,
@@ -256,6 +262,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
         read: allocated.clone(),
         prev: Some(prev.hashes.clone()),
         rewritten: Vec::new(),
+        dirty: None,
         base_stream: Some(rec.stream_no),
         alerts,
         sample_chunks: sample.0,
@@ -270,6 +277,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
             read: Vec::new(),
             prev: Some(prev.hashes.clone()),
             rewritten: Vec::new(),
+            dirty: None,
             base_stream: Some(rec.stream_no),
             alerts: Vec::new(),
             sample_chunks: 0,
@@ -342,6 +350,7 @@ pub fn plan_disk(inp: PlanInput<'_>, sources: &[&dyn ChangeSource]) -> anyhow::R
                     health: Health::Tracking,
                     reason: None,
                     rewritten: rewritten_chunks(&ranges, cs, size),
+                    dirty: Some(Arc::new(crate::disk::merge_ranges(ranges))),
                     read,
                     prev: Some(prev.hashes.clone()),
                     base_stream: Some(rec.stream_no),

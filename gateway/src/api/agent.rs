@@ -331,7 +331,13 @@ pub(crate) async fn store_chunk_records(
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         for r in records.drain(..) {
             let store = st.store.clone();
-            set.spawn(async move { store.put_with_base(r.hash, r.data, r.base).await });
+            set.spawn(async move {
+                let out = match (r.patch, r.base) {
+                    (true, Some(base)) => store.put_patch(r.hash, base, r.data).await,
+                    _ => store.put_with_base(r.hash, r.data, r.base).await,
+                };
+                (r.hash, out)
+            });
             while set.len() >= MAX_PUTS_PER_REQUEST {
                 if let Some(r) = set.join_next().await {
                     tally(&mut resp, r)?;
@@ -348,16 +354,23 @@ pub(crate) async fn store_chunk_records(
     Ok(resp)
 }
 
+type PutResult = (
+    ChunkHash,
+    Result<PutOutcome, crate::chunk_store::StoreError>,
+);
+
 fn tally(
     resp: &mut ChunksResponse,
-    r: Result<Result<PutOutcome, crate::chunk_store::StoreError>, tokio::task::JoinError>,
+    r: Result<PutResult, tokio::task::JoinError>,
 ) -> Result<(), ApiError> {
-    match r.map_err(|e| ApiError::Internal(format!("chunk task failed: {e}")))?? {
+    let (hash, r) = r.map_err(|e| ApiError::Internal(format!("chunk task failed: {e}")))?;
+    match r? {
         PutOutcome::Stored { stored_bytes } => {
             resp.stored += 1;
             resp.stored_bytes += stored_bytes;
         }
         PutOutcome::Duplicate => resp.duplicate += 1,
+        PutOutcome::Refused => resp.refused.push(hash),
     }
     Ok(())
 }

@@ -130,6 +130,9 @@ pub enum PutOutcome {
     },
     /// Already stored or pending; nothing appended.
     Duplicate,
+    /// A patch ([`ChunkStore::put_patch`]) not stored: its base is gone or
+    /// the chunk it rebuilds does not match the hash. Send the chunk whole.
+    Refused,
 }
 
 /// Errors of the chunk store.
@@ -611,6 +614,79 @@ impl ChunkStore {
             }
             None => None,
         };
+        self.store_new(id, data, base).await
+    }
+
+    /// Stores chunk `hash` from a patch of the chunk `base` (the patch
+    /// record's data, [`tierback_format::wire::apply_chunk_patch`]): the
+    /// base's plaintext is read, the patch applied and the result checked
+    /// against `hash`, then stored as a delta against the base like
+    /// [`ChunkStore::put_with_base`]. [`PutOutcome::Refused`] when the base
+    /// is not stored or unreadable, the patch does not apply or the result
+    /// does not match: nothing is stored and the agent sends the chunk whole.
+    pub async fn put_patch(
+        &self,
+        hash: ChunkHash,
+        base: ChunkHash,
+        patch: Bytes,
+    ) -> Result<PutOutcome, StoreError> {
+        let id = self.chunk_id(&hash);
+        let Some(_claim) = self.claim(id) else {
+            self.touches.touch([&id]);
+            return Ok(PutOutcome::Duplicate);
+        };
+        let hinted = self.chunk_id(&base);
+        let root = {
+            let _sweep = self.sweep.read().await;
+            if self.catalog.chunk_location(&id).await?.is_some() {
+                self.touches.touch([&id]);
+                return Ok(PutOutcome::Duplicate);
+            }
+            self.delta_base(&hinted, &id).await?
+        };
+        let Some((rid, loc)) = root else {
+            return Ok(PutOutcome::Refused);
+        };
+        let shared = self.shared.clone();
+        let Ok(root_plain) = blocking(move || shared.read_base(&rid, Some(loc))).await? else {
+            return Ok(PutOutcome::Refused);
+        };
+        // The patch is of the hinted chunk; when that is itself a delta, its
+        // plaintext is decoded (against the same root).
+        let old = if rid == hinted {
+            None
+        } else {
+            match self.get(&hinted).await {
+                Ok(b) => Some(b),
+                Err(_) => return Ok(PutOutcome::Refused),
+            }
+        };
+        let permit = self.cpu_permit().await?;
+        let (rebuilt, root_plain) = blocking(move || {
+            let old = old.as_deref().unwrap_or(&root_plain);
+            let rebuilt = tierback_format::wire::apply_chunk_patch(old, &patch)
+                .ok()
+                .filter(|d| ChunkHash::of(d) == hash);
+            (rebuilt, root_plain)
+        })
+        .await?;
+        drop(permit);
+        let Some(data) = rebuilt else {
+            tracing::debug!(chunk = %id, "patch refused: it does not rebuild its chunk");
+            return Ok(PutOutcome::Refused);
+        };
+        self.store_new(id, Bytes::from(data), Some((rid, root_plain)))
+            .await
+    }
+
+    /// Compresses, encrypts and appends a new chunk `id` (its claim held by
+    /// the caller), as a delta against `base` when given (id, plaintext).
+    async fn store_new(
+        &self,
+        id: ChunkId,
+        data: Bytes,
+        base: Option<(ChunkId, Vec<u8>)>,
+    ) -> Result<PutOutcome, StoreError> {
         let level = self.cfg.zstd_level;
         let raw_len = data.len() as u32;
         if self.open_is_full() {
