@@ -964,7 +964,11 @@ async fn offer(
             Some((b, Patch { bitmap, runs })) => {
                 let bytes: usize = runs.iter().map(|r| r.1 - r.0).sum();
                 let head = chunk_patch_head(&h, b, data.len(), &bitmap, bytes);
-                body_len += head.len() + bytes;
+                // Counted whole: the chunk is held until the gateway has
+                // answered (to send it whole if refused), and the gateway
+                // rebuilds it whole, so a body of patches holds as many
+                // chunks in memory at both ends as a body of whole ones.
+                body_len += head.len() + data.len();
                 rep.bytes_sent += bytes as u64;
                 body.push(head.into());
                 body.extend(runs.iter().map(|&(s, e)| data.slice(s..e)));
