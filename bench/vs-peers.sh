@@ -8,8 +8,10 @@
 # VHDX, and its "next day": ~3% of the data rewritten in clustered runs and ~1%
 # in scattered 64 KiB writes, with the matching rct.json ranges.
 #
-# Steps, each after evicting the page cache of every file it reads
-# (posix_fadvise DONTNEED after sync; works without root):
+# Steps, each after evicting the page cache of every file it reads and of
+# every repository and store written so far (posix_fadvise DONTNEED after
+# sync; works without root), so no tool starts with another's files filling
+# memory; restored copies are deleted once compared:
 #   full backup of day 1; incremental of day 2 (Tierback: with rct.json change
 #   tracking, and again from the day-1 state by full read + compare; peers:
 #   their normal re-read); restore of day 2; stored bytes after both days.
@@ -44,7 +46,7 @@ SIZE1=$(stat -c %s "$DAY1")
 
 evict() {
   sync
-  python3 - "$@" <<'PY'
+  python3 - "$@" "$WORK"/*-repo "$WORK"/restic-cache "$WORK"/gw* <<'PY'
 import os, sys
 for top in sys.argv[1:]:
     paths = [top] if os.path.isfile(top) else [os.path.join(r, f) for r, _, fs in os.walk(top) for f in fs]
@@ -113,6 +115,7 @@ if [ "${TIERBACK_BENCH_SKIP_PEERS:-0}" != 1 ]; then
     esac
     got="$(find "$OUT" -name vm.vhdx | head -1)"
     cmp -s "$got" "$DAY2" || { echo "error: $tool restored a different file" >&2; exit 1; }
+    rm -rf "$OUT"
     rm -rf "$OUT"
   done
   rm -rf "$WORK/restic-repo" "$WORK/borg-repo" "$WORK/borg-home" "$WORK/restic-cache" "$SRC"
