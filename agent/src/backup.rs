@@ -385,6 +385,7 @@ pub async fn backup_vm(
         client,
         &sid,
         begin.chunk_size,
+        begin.accepts_patches,
         specs,
         sources,
         bases,
@@ -481,6 +482,7 @@ async fn run_session(
     client: &GatewayClient,
     sid: &str,
     chunk_size: u32,
+    accepts_patches: bool,
     specs: Vec<StreamSpec>,
     sources: Vec<Source>,
     bases: Bases,
@@ -571,7 +573,8 @@ async fn run_session(
                     prev: p.prev.clone(),
                     carry: !matches!(p.method, Method::Full | Method::Compare),
                     hints: base_hints(p.prev.as_ref(), &p.rewritten),
-                    dirty: p.dirty.clone(),
+                    // Patches only to a gateway that takes them.
+                    dirty: p.dirty.clone().filter(|_| accepts_patches),
                 }
             }
             None => StreamPlan {

@@ -231,6 +231,10 @@ pub struct BeginBackupResponse {
     pub session_id: String,
     /// Chunk size to cut streams into.
     pub chunk_size: u32,
+    /// The gateway takes patch records ([`CHUNK_RECORD_PATCH_FLAG`]); an
+    /// older one leaves this out and gets whole chunks only.
+    #[serde(default)]
+    pub accepts_patches: bool,
 }
 
 /// `POST /v1/agent/backups/{session}/lack`.
@@ -1046,6 +1050,18 @@ mod tests {
             split.push(body.clone(), &mut Vec::new()),
             Err(FrameError::BodyTooLarge(body.len() - 1))
         );
+    }
+
+    #[test]
+    fn a_gateway_that_does_not_say_it_takes_patches_gets_none() {
+        let old: BeginBackupResponse =
+            serde_json::from_str(r#"{"session_id":"s","chunk_size":1048576}"#).expect("json");
+        assert!(!old.accepts_patches);
+        let new: BeginBackupResponse = serde_json::from_str(
+            r#"{"session_id":"s","chunk_size":1048576,"accepts_patches":true}"#,
+        )
+        .expect("json");
+        assert!(new.accepts_patches);
     }
 
     #[test]

@@ -154,6 +154,7 @@ pub async fn begin_backup(
     Ok(Json(BeginBackupResponse {
         session_id,
         chunk_size,
+        accepts_patches: true,
     }))
 }
 

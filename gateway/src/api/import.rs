@@ -177,6 +177,7 @@ async fn begin(
     Ok(Json(BeginBackupResponse {
         session_id,
         chunk_size: req.chunk_size,
+        accepts_patches: true,
     }))
 }
 
