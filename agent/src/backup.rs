@@ -818,30 +818,32 @@ async fn upload(
     patched: Vec<Patched>,
 ) -> anyhow::Result<Uploaded> {
     let mut resp = client.chunks(sid, body).await?;
-    let sent_as_patches = patched.len() as u64;
     let refused: std::collections::HashSet<ChunkHash> = resp.refused.drain(..).collect();
     let mut out = Uploaded {
         resp,
-        patched: sent_as_patches - refused.len() as u64,
+        patched: 0,
         refused: refused.len() as u64,
         resent_bytes: 0,
     };
-    if refused.is_empty() {
-        return Ok(out);
-    }
+    // Each refused hash is sent whole once (two places may hold the same
+    // new chunk).
     let mut again = Vec::new();
-    let mut named = 0usize;
+    let mut resent = std::collections::HashSet::new();
     for (h, b, data) in patched {
-        if refused.contains(&h) {
-            named += 1;
+        if !refused.contains(&h) {
+            out.patched += 1;
+        } else if resent.insert(h) {
             out.resent_bytes += data.len() as u64;
             chunk_record_parts(&mut again, &h, Some(&b), data);
         }
     }
     anyhow::ensure!(
-        named == refused.len(),
+        resent.len() == refused.len(),
         "the gateway refused chunks that were not sent as patches"
     );
+    if again.is_empty() {
+        return Ok(out);
+    }
     let whole = client.chunks(sid, again).await?;
     anyhow::ensure!(
         whole.refused.is_empty(),
