@@ -652,13 +652,28 @@ impl ChunkStore {
             return Ok(PutOutcome::Refused);
         };
         // The patch is of the hinted chunk; when that is itself a delta, its
-        // plaintext is decoded (against the same root).
-        let old = if rid == hinted {
+        // plaintext is decoded against the root just read.
+        let hinted_at = if rid == hinted {
             None
         } else {
-            match self.get(&hinted).await {
-                Ok(b) => Some(b),
-                Err(_) => return Ok(PutOutcome::Refused),
+            match self.catalog.chunk_location(&hinted).await? {
+                Some(loc) => Some(loc),
+                None => return Ok(PutOutcome::Refused),
+            }
+        };
+        let (old, root_plain) = match hinted_at {
+            None => (None, root_plain),
+            Some(hloc) => {
+                let shared = self.shared.clone();
+                let (old, root_plain) = blocking(move || {
+                    let old = shared.read_against(&hinted, &hloc, (&rid, &root_plain));
+                    (old, root_plain)
+                })
+                .await?;
+                match old {
+                    Ok(old) => (Some(old), root_plain),
+                    Err(_) => return Ok(PutOutcome::Refused),
+                }
             }
         };
         let permit = self.cpu_permit().await?;
@@ -1292,17 +1307,7 @@ impl Shared {
             if loc.len as usize > crypto::MAX_SEALED_CHUNK_LEN {
                 continue;
             }
-            // Around the page cache, like restore reads (its own buffer:
-            // a restore's span buffer is borrowed while it decodes deltas).
-            thread_local! {
-                static BASE: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
-            }
-            let opened = BASE.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                self.read_span(&mut buf, &loc.pack_id, loc.offset, loc.len as usize)
-                    .map(|sealed| self.open_payload(base, &loc, sealed))
-            });
-            let Some(payload) = opened else {
+            let Some(payload) = self.read_record_payload(base, &loc) else {
                 continue;
             };
             let payload = payload?;
@@ -1314,6 +1319,56 @@ impl Shared {
             context: format!("reading the delta base {base}"),
             source: io::Error::other("its pack could not be read"),
         })
+    }
+
+    /// Blocking: the decrypted payload of the record of `id` at `loc`, read
+    /// around the page cache like restore reads (its own buffer: a
+    /// restore's span buffer is borrowed while it decodes deltas). None
+    /// when the pack cannot be read there.
+    fn read_record_payload(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+    ) -> Option<Result<Vec<u8>, StoreError>> {
+        thread_local! {
+            static BASE: std::cell::RefCell<files::AlignedBuf> = std::cell::RefCell::default();
+        }
+        BASE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            self.read_span(&mut buf, &loc.pack_id, loc.offset, loc.len as usize)
+                .map(|sealed| self.open_payload(id, loc, sealed))
+        })
+    }
+
+    /// Blocking: the plaintext of chunk `id` at `loc`, a delta against the
+    /// chunk `root` whose plaintext is given (or a plain chunk), without
+    /// reading `root` again. Not checked against `id`: the caller checks
+    /// what it builds from it.
+    fn read_against(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLocation,
+        (root, root_plain): (&ChunkId, &[u8]),
+    ) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            pack: loc.pack_id,
+            offset: loc.offset,
+            reason,
+        };
+        let payload = self
+            .read_record_payload(id, loc)
+            .ok_or_else(|| corrupt(format!("chunk {id}: its pack could not be read")))??;
+        match crypto::payload_delta_base(&payload) {
+            Ok(None) => crypto::decode_chunk_payload(&payload),
+            Ok(Some(b)) if b == *root => crypto::decode_delta_payload(&payload, root_plain),
+            Ok(Some(b)) => {
+                return Err(corrupt(format!(
+                    "chunk {id} is a delta of {b}, not of {root}"
+                )))
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| corrupt(format!("chunk {id}: {e}")))
     }
 
     /// Checks a decoded chunk against its id and its catalogued length.
