@@ -899,15 +899,20 @@ fn patch_of(dirty: &[(u64, u64)], cs: u64, n: u64, len: usize) -> Option<Patch> 
         }
     }
     let bytes: usize = runs.iter().map(|r| r.1 - r.0).sum();
-    (bytes > 0 && bytes * 2 <= len).then_some(Patch { bitmap, runs })
+    (bytes > 0 && bytes * 2 <= len).then_some(Patch {
+        bitmap,
+        runs,
+        bytes,
+    })
 }
 
-/// The blocks of a chunk to send as a patch: the record's bitmap and the
-/// byte runs `(start, end)` of the chunk they cover.
+/// The blocks of a chunk to send as a patch: the record's bitmap, the byte
+/// runs `(start, end)` of the chunk they cover and their total length.
 #[derive(Debug)]
 struct Patch {
     bitmap: Vec<u8>,
     runs: Vec<(usize, usize)>,
+    bytes: usize,
 }
 
 /// The previous hashes as base hints, without those of `rewritten` chunks.
@@ -966,8 +971,14 @@ async fn offer(
             patch_of(dirty, hints.chunk_size, n, data.len()).map(|p| (b, p))
         });
         match patch {
-            Some((b, Patch { bitmap, runs })) => {
-                let bytes: usize = runs.iter().map(|r| r.1 - r.0).sum();
+            Some((
+                b,
+                Patch {
+                    bitmap,
+                    runs,
+                    bytes,
+                },
+            )) => {
                 let head = chunk_patch_head(&h, b, data.len(), &bitmap, bytes);
                 // Counted whole: the chunk is held until the gateway has
                 // answered (to send it whole if refused), and the gateway
@@ -1255,15 +1266,15 @@ mod tests {
     fn a_patch_names_the_blocks_the_tracked_ranges_touch() {
         const M: u64 = 1 << 20;
         let b = PATCH_BLOCK as u64;
-        // Chunk 2: 512 bytes inside block 1, then a range over blocks 10..=12
-        // that starts in chunk 1; a range of chunk 3 does not count.
+        // Chunk 2: a range from chunk 1 through its blocks 0..=9, 512 bytes
+        // inside its block 1; a range of chunk 3 does not count.
         let dirty = [
             (M + 100, M + 10 * b - 100),
             (2 * M + b + 8, 512),
             (3 * M, 9),
         ];
         let dirty = crate::disk::merge_ranges(dirty.to_vec());
-        let Patch { bitmap, runs } = patch_of(&dirty, M, 2, M as usize).expect("a patch");
+        let Patch { bitmap, runs, .. } = patch_of(&dirty, M, 2, M as usize).expect("a patch");
         let set: Vec<usize> = (0..256)
             .filter(|i| (bitmap[i / 8] >> (i % 8)) & 1 == 1)
             .collect();

@@ -480,25 +480,57 @@ pub fn decode_delta_payload(payload: &[u8], base: &[u8]) -> Result<Vec<u8>, Cryp
         .get(..blocks.div_ceil(8))
         .ok_or_else(|| bad("truncated bitmap"))?;
     let changed = decode_chunk_payload(&rest[bitmap.len()..])?;
+    compose_blocks(base, len, bitmap, &changed).map_err(|e| {
+        bad(match e {
+            ComposeError::Short => "fewer changed bytes than the bitmap names",
+            ComposeError::BeyondBase => "names a block beyond its base",
+            ComposeError::Long => "more changed bytes than the bitmap names",
+        })
+    })
+}
+
+/// Why [`compose_blocks`] cannot build a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComposeError {
+    /// Fewer changed bytes (or bitmap bytes) than the bitmap names.
+    Short,
+    /// An unchanged block lies beyond the base.
+    BeyondBase,
+    /// More changed bytes than the bitmap names.
+    Long,
+}
+
+/// Builds a chunk of `len` bytes from [`DELTA_BLOCK`] blocks: block i from
+/// `changed` (in order; the last block may be short) where bit i of
+/// `bitmap` (LSB first) is set, from `base` at the same offset otherwise.
+/// The block layout of delta payloads and of patch uploads
+/// (`wire::CHUNK_RECORD_PATCH_FLAG`).
+pub fn compose_blocks(
+    base: &[u8],
+    len: usize,
+    bitmap: &[u8],
+    changed: &[u8],
+) -> Result<Vec<u8>, ComposeError> {
+    let blocks = len.div_ceil(DELTA_BLOCK);
+    if bitmap.len() < blocks.div_ceil(8) {
+        return Err(ComposeError::Short);
+    }
     let mut out = Vec::with_capacity(len);
     let mut next = 0usize;
     for i in 0..blocks {
         let at = i * DELTA_BLOCK;
         let n = DELTA_BLOCK.min(len - at);
         let src = if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            let b = changed
-                .get(next..next + n)
-                .ok_or_else(|| bad("fewer changed bytes than the bitmap names"))?;
+            let b = changed.get(next..next + n).ok_or(ComposeError::Short)?;
             next += n;
             b
         } else {
-            base.get(at..at + n)
-                .ok_or_else(|| bad("names a block beyond its base"))?
+            base.get(at..at + n).ok_or(ComposeError::BeyondBase)?
         };
         out.extend_from_slice(src);
     }
     if next != changed.len() {
-        return Err(bad("more changed bytes than the bitmap names"));
+        return Err(ComposeError::Long);
     }
     Ok(out)
 }

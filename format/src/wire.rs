@@ -563,8 +563,9 @@ pub const CHUNK_RECORD_BASE_FLAG: u32 = 1 << 31;
 /// whole chunk. See [`apply_chunk_patch`].
 pub const CHUNK_RECORD_PATCH_FLAG: u32 = 1 << 30;
 
-/// Block size of a chunk patch ([`CHUNK_RECORD_PATCH_FLAG`]).
-pub const PATCH_BLOCK: usize = 4096;
+/// Block size of a chunk patch ([`CHUNK_RECORD_PATCH_FLAG`]): the blocks of
+/// a stored delta.
+pub const PATCH_BLOCK: usize = crate::crypto::DELTA_BLOCK;
 
 /// The length bits of a chunk record's length word.
 const RECORD_LEN_MASK: u32 = !(CHUNK_RECORD_BASE_FLAG | CHUNK_RECORD_PATCH_FLAG);
@@ -631,29 +632,16 @@ pub fn apply_chunk_patch(base: &[u8], patch: &[u8]) -> Result<Vec<u8>, FrameErro
         return Err(FrameError::TooLarge(u64::from(len)));
     }
     let len = len as usize;
-    let blocks = len.div_ceil(PATCH_BLOCK);
-    let (bitmap, mut data) = rest
-        .split_at_checked(blocks.div_ceil(8))
+    let (bitmap, blocks) = rest
+        .split_at_checked(len.div_ceil(PATCH_BLOCK).div_ceil(8))
         .ok_or(FrameError::BadPatch("truncated"))?;
-    let mut out = Vec::with_capacity(len);
-    for i in 0..blocks {
-        let (start, end) = (i * PATCH_BLOCK, ((i + 1) * PATCH_BLOCK).min(len));
-        if (bitmap[i / 8] >> (i % 8)) & 1 == 1 {
-            let (b, r) = data
-                .split_at_checked(end - start)
-                .ok_or(FrameError::BadPatch("truncated"))?;
-            out.extend_from_slice(b);
-            data = r;
-        } else {
-            out.extend_from_slice(base.get(start..end).ok_or(FrameError::BadPatch(
-                "an unchanged block lies beyond the base",
-            ))?);
-        }
-    }
-    if !data.is_empty() {
-        return Err(FrameError::BadPatch("more blocks than its bitmap names"));
-    }
-    Ok(out)
+    crate::crypto::compose_blocks(base, len, bitmap, blocks).map_err(|e| {
+        FrameError::BadPatch(match e {
+            crate::crypto::ComposeError::Short => "truncated",
+            crate::crypto::ComposeError::BeyondBase => "an unchanged block lies beyond the base",
+            crate::crypto::ComposeError::Long => "more blocks than its bitmap names",
+        })
+    })
 }
 
 /// Appends one chunk record (`hash[32] | len u32 LE | data`) to a chunk upload body.
@@ -815,15 +803,6 @@ impl ChunkRecordSplitter {
         });
         (ChunkHash(h), base)
     }
-}
-
-/// Splits a whole chunk upload body into its records.
-pub fn parse_chunk_records(body: Bytes) -> Result<Vec<ChunkRecord>, FrameError> {
-    let mut split = ChunkRecordSplitter::new(usize::MAX);
-    let mut out = Vec::new();
-    split.push(body, &mut out)?;
-    split.finish()?;
-    Ok(out)
 }
 
 /// Encodes a stream index upload: (`chunk_no u64 LE | hash[32]`)*.
@@ -1008,6 +987,15 @@ pub struct CheckCommitRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Splits a whole chunk upload body into its records.
+    fn parse_chunk_records(body: Bytes) -> Result<Vec<ChunkRecord>, FrameError> {
+        let mut split = ChunkRecordSplitter::new(usize::MAX);
+        let mut out = Vec::new();
+        split.push(body, &mut out)?;
+        split.finish()?;
+        Ok(out)
+    }
 
     #[test]
     fn chunk_records_round_trip_and_reject_truncation() {

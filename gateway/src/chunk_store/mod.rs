@@ -255,6 +255,17 @@ impl StoreError {
     }
 }
 
+/// How [`Shared::decode_payload`] treats a delta payload.
+#[derive(Clone, Copy)]
+enum DeltaBase<'a> {
+    /// Refused: a base is never itself a delta.
+    Refuse,
+    /// Decoded against its base, read through the catalog.
+    Read,
+    /// Decoded only against this base (id, plaintext), already read.
+    Known(&'a ChunkId, &'a [u8]),
+}
+
 /// The pack currently accepting appends. Its records go to a `*.tmp` file
 /// beside its final path as they come (memory holds the TOC entries and the
 /// records not written yet: see [`files::PackAppender`]), whatever the pack
@@ -586,20 +597,8 @@ impl ChunkStore {
             });
         }
         let id = self.chunk_id(&hash);
-        let Some(_claim) = self.claim(id) else {
-            self.touches.touch([&id]);
+        let Some((_claim, base)) = self.claim_new(id, base.as_ref()).await? else {
             return Ok(PutOutcome::Duplicate);
-        };
-        let base = {
-            let _sweep = self.sweep.read().await;
-            if self.catalog.chunk_location(&id).await?.is_some() {
-                self.touches.touch([&id]);
-                return Ok(PutOutcome::Duplicate);
-            }
-            match base {
-                Some(b) => self.delta_base(&self.chunk_id(&b), &id).await?,
-                None => None,
-            }
         };
         // A base that cannot be read (moved by GC, damaged) just means a
         // plain chunk; verify reports damage. Read outside the CPU permit:
@@ -631,28 +630,15 @@ impl ChunkStore {
         patch: Bytes,
     ) -> Result<PutOutcome, StoreError> {
         let id = self.chunk_id(&hash);
-        let Some(_claim) = self.claim(id) else {
-            self.touches.touch([&id]);
+        let Some((_claim, root)) = self.claim_new(id, Some(&base)).await? else {
             return Ok(PutOutcome::Duplicate);
-        };
-        let hinted = self.chunk_id(&base);
-        let root = {
-            let _sweep = self.sweep.read().await;
-            if self.catalog.chunk_location(&id).await?.is_some() {
-                self.touches.touch([&id]);
-                return Ok(PutOutcome::Duplicate);
-            }
-            self.delta_base(&hinted, &id).await?
         };
         let Some((rid, loc)) = root else {
             return Ok(PutOutcome::Refused);
         };
-        let shared = self.shared.clone();
-        let Ok(root_plain) = blocking(move || shared.read_base(&rid, Some(loc))).await? else {
-            return Ok(PutOutcome::Refused);
-        };
-        // The patch is of the hinted chunk; when that is itself a delta, its
-        // plaintext is decoded against the root just read.
+        // The patch is of the hinted chunk; when that is itself a delta, it
+        // is decoded against the root, read once for both.
+        let hinted = self.chunk_id(&base);
         let hinted_at = if rid == hinted {
             None
         } else {
@@ -661,20 +647,17 @@ impl ChunkStore {
                 None => return Ok(PutOutcome::Refused),
             }
         };
-        let (old, root_plain) = match hinted_at {
-            None => (None, root_plain),
-            Some(hloc) => {
-                let shared = self.shared.clone();
-                let (old, root_plain) = blocking(move || {
-                    let old = shared.read_against(&hinted, &hloc, (&rid, &root_plain));
-                    (old, root_plain)
-                })
-                .await?;
-                match old {
-                    Ok(old) => (Some(old), root_plain),
-                    Err(_) => return Ok(PutOutcome::Refused),
-                }
-            }
+        let shared = self.shared.clone();
+        let read = blocking(move || -> Result<_, StoreError> {
+            let root_plain = shared.read_base(&rid, Some(loc))?;
+            let old = hinted_at
+                .map(|hloc| shared.read_against(&hinted, &hloc, (&rid, &root_plain)))
+                .transpose()?;
+            Ok((old, root_plain))
+        })
+        .await?;
+        let Ok((old, root_plain)) = read else {
+            return Ok(PutOutcome::Refused);
         };
         let permit = self.cpu_permit().await?;
         let (rebuilt, root_plain) = blocking(move || {
@@ -795,6 +778,31 @@ impl ChunkStore {
             self.touches.touch([b]);
         }
         Ok(chosen)
+    }
+
+    /// Claims `id` for a new chunk and, under the sweep lock, picks the base
+    /// a delta of it would be stored against (hinted at `hint`, see
+    /// [`ChunkStore::delta_base`]). None when the chunk is already stored or
+    /// pending (touched: a duplicate).
+    async fn claim_new(
+        &self,
+        id: ChunkId,
+        hint: Option<&ChunkHash>,
+    ) -> Result<Option<(Claim<'_>, Option<(ChunkId, ChunkLocation)>)>, StoreError> {
+        let Some(claim) = self.claim(id) else {
+            self.touches.touch([&id]);
+            return Ok(None);
+        };
+        let _sweep = self.sweep.read().await;
+        if self.catalog.chunk_location(&id).await?.is_some() {
+            self.touches.touch([&id]);
+            return Ok(None);
+        }
+        let base = match hint {
+            Some(b) => self.delta_base(&self.chunk_id(b), &id).await?,
+            None => None,
+        };
+        Ok(Some((claim, base)))
     }
 
     async fn cpu_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
@@ -1242,20 +1250,19 @@ impl Shared {
             )));
         }
         let payload = self.open_payload(id, loc, &sealed)?;
-        let plain = self.decode_payload(id, loc, &payload, true)?;
+        let plain = self.decode_payload(id, loc, &payload, DeltaBase::Read)?;
         self.check_plain(id, loc, &plain)?;
         Ok(plain)
     }
 
-    /// Decodes an opened payload; a delta payload (only if `allow_delta`:
-    /// bases are never deltas) is decoded against its base, read through
-    /// the catalog.
+    /// Decodes an opened payload; a delta payload is decoded against its
+    /// base as `deltas` says.
     fn decode_payload(
         &self,
         id: &ChunkId,
         loc: &ChunkLocation,
         payload: &[u8],
-        allow_delta: bool,
+        deltas: DeltaBase<'_>,
     ) -> Result<Vec<u8>, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             pack: loc.pack_id,
@@ -1268,16 +1275,26 @@ impl Shared {
             return crypto::decode_chunk_payload(payload)
                 .map_err(|e| corrupt(format!("chunk {id}: {e}")));
         };
-        if !allow_delta {
-            return Err(corrupt(format!(
-                "chunk {id} is a delta but serves as the base of another delta"
-            )));
-        }
-        let base_plain = self.read_base(&base, None).map_err(|e| {
-            corrupt(format!(
-                "chunk {id} is a delta against chunk {base}, which cannot be read: {e}"
-            ))
-        })?;
+        let base_plain = match deltas {
+            DeltaBase::Refuse => {
+                return Err(corrupt(format!(
+                    "chunk {id} is a delta but serves as the base of another delta"
+                )))
+            }
+            DeltaBase::Read => {
+                std::borrow::Cow::Owned(self.read_base(&base, None).map_err(|e| {
+                    corrupt(format!(
+                        "chunk {id} is a delta against chunk {base}, which cannot be read: {e}"
+                    ))
+                })?)
+            }
+            DeltaBase::Known(root, plain) if *root == base => std::borrow::Cow::Borrowed(plain),
+            DeltaBase::Known(root, _) => {
+                return Err(corrupt(format!(
+                    "chunk {id} is a delta against chunk {base}, not {root}"
+                )))
+            }
+        };
         crypto::decode_delta_payload(payload, &base_plain)
             .map_err(|e| corrupt(format!("chunk {id}: {e}")))
     }
@@ -1311,7 +1328,7 @@ impl Shared {
                 continue;
             };
             let payload = payload?;
-            let plain = self.decode_payload(base, &loc, &payload, false)?;
+            let plain = self.decode_payload(base, &loc, &payload, DeltaBase::Refuse)?;
             check_len(base, &loc, &plain)?;
             return Ok(plain);
         }
@@ -1350,25 +1367,14 @@ impl Shared {
         loc: &ChunkLocation,
         (root, root_plain): (&ChunkId, &[u8]),
     ) -> Result<Vec<u8>, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            pack: loc.pack_id,
-            offset: loc.offset,
-            reason,
-        };
         let payload = self
             .read_record_payload(id, loc)
-            .ok_or_else(|| corrupt(format!("chunk {id}: its pack could not be read")))??;
-        match crypto::payload_delta_base(&payload) {
-            Ok(None) => crypto::decode_chunk_payload(&payload),
-            Ok(Some(b)) if b == *root => crypto::decode_delta_payload(&payload, root_plain),
-            Ok(Some(b)) => {
-                return Err(corrupt(format!(
-                    "chunk {id} is a delta of {b}, not of {root}"
-                )))
-            }
-            Err(e) => Err(e),
-        }
-        .map_err(|e| corrupt(format!("chunk {id}: {e}")))
+            .ok_or_else(|| StoreError::Corrupt {
+                pack: loc.pack_id,
+                offset: loc.offset,
+                reason: format!("chunk {id}: its pack could not be read"),
+            })??;
+        self.decode_payload(id, loc, &payload, DeltaBase::Known(root, root_plain))
     }
 
     /// Checks a decoded chunk against its id and its catalogued length.
@@ -1405,7 +1411,7 @@ impl Shared {
         if payload.first() != Some(&tierback_format::magic::CHUNK_CODEC_DELTA) {
             return Ok(payload);
         }
-        let plain = self.decode_payload(id, loc, &payload, true)?;
+        let plain = self.decode_payload(id, loc, &payload, DeltaBase::Read)?;
         check_len(id, loc, &plain)?;
         let mut raw = Vec::with_capacity(1 + plain.len());
         raw.push(tierback_format::magic::CHUNK_CODEC_RAW);
