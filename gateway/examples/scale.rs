@@ -29,7 +29,9 @@
 //! `fast_fill`), --pack-ids random|ordered [random] (the fill's pack-id
 //! scheme, see `pack_id`), --sweep-packs [512] (packs per insert-sweep
 //! variant: pack-id scheme x packs per transaction; 0 = none),
-//! --insert-only (stop after the insert sweep).
+//! --sustain-rows [3 x MERGE_AT] (rows of the sustained-insert run: one
+//! pack per transaction with the staged rows' merges included),
+//! --insert-only (stop after the insert sweep and the sustained run).
 //!
 //! Quick insert check without hours of API fill (docs/scale.md):
 //! `--fast-fill --measure-packs 0 --insert-only`, then `--reuse` runs.
@@ -67,6 +69,7 @@ struct Args {
     fast_fill: bool,
     ordered_ids: bool,
     sweep_packs: u64,
+    sustain_rows: u64,
     insert_only: bool,
 }
 
@@ -88,6 +91,7 @@ fn parse() -> Result<Args> {
         fast_fill: false,
         ordered_ids: false,
         sweep_packs: 512,
+        sustain_rows: 3 * tierback_gateway::catalog::MERGE_AT as u64,
         insert_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -122,6 +126,7 @@ fn parse() -> Result<Args> {
             "--ref-entries" => a.ref_entries = n()?,
             "--ref-indexes" => a.ref_indexes = n()?,
             "--sweep-packs" => a.sweep_packs = n()?,
+            "--sustain-rows" => a.sustain_rows = n()?,
             "--pack-ids" => {
                 a.ordered_ids = match v.as_str() {
                     "random" => false,
@@ -222,6 +227,15 @@ async fn fast_fill(
                     .bind(i64::from(c.raw_len));
             }
             stmt.execute(&mut *tx).await?;
+            let sql = format!(
+                "INSERT INTO pack_members (pack_id, id) VALUES {}",
+                vec!["(?, ?)"; toc.len()].join(", ")
+            );
+            let mut stmt = sqlx::query(&sql);
+            for c in &toc {
+                stmt = stmt.bind(&np.id.0[..]).bind(&c.chunk_id.0[..]);
+            }
+            stmt.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         p = end;
@@ -240,6 +254,27 @@ async fn fast_fill(
     Ok(())
 }
 
+/// A new pack of `pack_chunks` new chunk ids, numbered on from `next`.
+fn fresh_pack(next: &mut u64, pack_chunks: u64, ordered: bool) -> (NewPack, Vec<TocEntry>) {
+    let toc = (0..pack_chunks)
+        .map(|k| {
+            *next += 1;
+            TocEntry {
+                chunk_id: id(*next),
+                offset: 32 + k * 700_000,
+                len: 700_000,
+                raw_len: 1 << 20,
+            }
+        })
+        .collect();
+    let np = NewPack {
+        id: fresh_pack_id(ordered),
+        size: pack_chunks * 1_000_000,
+        created_at: 1_800_000_000,
+    };
+    (np, toc)
+}
+
 /// Insert sweep: `packs` fresh packs of `pack_chunks` new rows per variant
 /// (pack-id scheme x packs per transaction), interleaved and run twice so
 /// a load change on the shared machine hits every variant alike.
@@ -256,25 +291,7 @@ async fn insert_sweep(c: &Catalog, t: &mut Table, packs: u64, pack_chunks: u64) 
                 while done < packs {
                     let n = g.min(packs - done);
                     let group: Vec<(NewPack, Vec<TocEntry>)> = (0..n)
-                        .map(|_| {
-                            let toc: Vec<TocEntry> = (0..pack_chunks)
-                                .map(|k| {
-                                    next += 1;
-                                    TocEntry {
-                                        chunk_id: id(next),
-                                        offset: 32 + k * 700_000,
-                                        len: 700_000,
-                                        raw_len: 1 << 20,
-                                    }
-                                })
-                                .collect();
-                            let np = NewPack {
-                                id: fresh_pack_id(ordered),
-                                size: pack_chunks * 1_000_000,
-                                created_at: 1_800_000_000,
-                            };
-                            (np, toc)
-                        })
+                        .map(|_| fresh_pack(&mut next, pack_chunks, ordered))
                         .collect();
                     let refs: Vec<(NewPack, &[TocEntry])> =
                         group.iter().map(|(n, t)| (*n, t.as_slice())).collect();
@@ -287,6 +304,9 @@ async fn insert_sweep(c: &Catalog, t: &mut Table, packs: u64, pack_chunks: u64) 
             }
         }
     }
+    let appended: (f64, u64) = results
+        .values()
+        .fold((0.0, 0), |(s, r), (s2, r2)| (s + s2, r + r2));
     for &g in &groups {
         for ordered in [false, true] {
             let (secs, rows) = results[&(ordered, g)];
@@ -303,6 +323,70 @@ async fn insert_sweep(c: &Catalog, t: &mut Table, packs: u64, pack_chunks: u64) 
             );
         }
     }
+    // The sweep's rows are staged (appended): their merge into `chunks` is
+    // part of what an insert costs.
+    let merge = timed_merge(c, t, "merge of the sweep's staged rows").await?;
+    t.row(
+        "insert sweep incl. its merge (appends + merge, one after the other)",
+        format!(
+            "{:.0} /s ({} rows in {:.1} s)",
+            appended.1 as f64 / (appended.0 + merge),
+            appended.1,
+            appended.0 + merge
+        ),
+    );
+    Ok(())
+}
+
+/// Merges every staged row; one table row with the rate. Returns seconds.
+async fn timed_merge(c: &Catalog, t: &mut Table, what: &str) -> Result<f64> {
+    let t0 = Instant::now();
+    let n = c.merge_staged().await?;
+    let secs = t0.elapsed().as_secs_f64();
+    if n > 0 {
+        t.row(
+            what,
+            format!("{:.0} rows/s ({n} rows in {secs:.1} s)", n as f64 / secs),
+        );
+    }
+    Ok(secs)
+}
+
+/// Sustained inserts as the chunk store makes them: one pack of
+/// `pack_chunks` new rows per transaction, `rows` in all, background merges
+/// starting at `MERGE_AT` staged rows (inserts wait at twice that), then the
+/// rest merged: every row ends up in `chunks`.
+async fn sustained_inserts(c: &Catalog, t: &mut Table, rows: u64, pack_chunks: u64) -> Result<()> {
+    let (_, _, mut next) = c.store_totals().await?;
+    next += 1 << 41; // never an id of the fill or the sweep
+    let t0 = Instant::now();
+    let (mut done, mut peak, mut last) = (0u64, 0usize, Instant::now());
+    while done < rows {
+        let (np, toc) = fresh_pack(&mut next, pack_chunks, false);
+        c.insert_pack_with_chunks(&np, &toc).await?;
+        done += pack_chunks;
+        peak = peak.max(c.staged_chunks());
+        if last.elapsed() > Duration::from_secs(30) {
+            last = Instant::now();
+            eprintln!(
+                "  … sustained: {done} of {rows} rows, {:.0} /s, {} staged, RSS {:.0} MiB",
+                done as f64 / t0.elapsed().as_secs_f64(),
+                c.staged_chunks(),
+                mib(status("VmRSS:"))
+            );
+        }
+    }
+    let appended = t0.elapsed().as_secs_f64();
+    c.merge_staged().await?;
+    let total = t0.elapsed().as_secs_f64();
+    t.row(
+        format!("sustained inserts, one pack of {pack_chunks} per transaction, merges included"),
+        format!(
+            "{:.0} /s ({done} rows in {total:.1} s; inserts returned after {appended:.1} s; at most {peak} rows staged; RSS {:.0} MiB)",
+            done as f64 / total,
+            mib(status("VmRSS:"))
+        ),
+    );
     Ok(())
 }
 
@@ -566,6 +650,7 @@ async fn main() -> Result<()> {
     } else {
         t.row("inserts", format!("reused catalog of {have} rows"));
     }
+    timed_merge(&c, &mut t, "merge of the rows staged so far").await?;
 
     // 2. Points: VMs × points, one disk stream each.
     let points: i64 = sqlx_count(&c).await?;
@@ -689,6 +774,9 @@ async fn main() -> Result<()> {
             load.trim().to_string(),
         );
         insert_sweep(&c, &mut t, a.sweep_packs, a.pack_chunks).await?;
+    }
+    if a.sustain_rows > 0 {
+        sustained_inserts(&c, &mut t, a.sustain_rows, a.pack_chunks).await?;
     }
     if a.insert_only {
         c.close().await;

@@ -7,13 +7,14 @@
 //! This module does not check those preconditions: the chunk store and the
 //! commit handler do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 
 use tierback_format::ids::{ChunkId, PackId, PointId};
 use tierback_format::pack::TocEntry;
 
+use super::staging::StagedRow;
 use super::{Catalog, CatalogError, Result};
 
 /// Ids per statement of batched lookups (DESIGN.md §4: batched
@@ -143,7 +144,7 @@ const STREAM_COLUMNS: &str =
     "point_id, stream_no, kind, path, controller, location, size, chunk_size, \
      logical_sector, physical_sector, chunk_count";
 
-fn to_i64(v: u64, what: &str) -> Result<i64> {
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v)
         .map_err(|_| CatalogError::Invalid(format!("{what} {v} does not fit the catalog")))
 }
@@ -160,7 +161,7 @@ fn to_u32(v: i64, what: &str) -> Result<u32> {
 
 type ChunkTuple = (Vec<u8>, Vec<u8>, i64, i64, i64);
 
-fn decode_location(row: ChunkTuple) -> Result<(ChunkId, ChunkLocation)> {
+pub(crate) fn decode_location(row: ChunkTuple) -> Result<(ChunkId, ChunkLocation)> {
     let (id, pack, offset, len, raw_len) = row;
     let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
     Ok((
@@ -318,15 +319,20 @@ impl Catalog {
         parallelism: usize,
     ) -> Result<Vec<bool>> {
         let filter = self.chunk_filter.active();
-        let pos: Vec<usize> = match &filter {
-            Some(f) => (0..ids.len()).filter(|&i| f.may_contain(&ids[i])).collect(),
-            None => (0..ids.len()).collect(),
-        };
+        let maybe = (0..ids.len())
+            .filter(|&i| filter.as_ref().is_none_or(|f| f.may_contain(&ids[i])))
+            .map(|i| (i, ids[i]));
+        // Staged rows first, then SQL (staging.rs: never neither).
+        let (staged, rest) = self.staged.partition(maybe);
         let mut present = vec![false; ids.len()];
-        if pos.is_empty() {
+        for (i, _) in staged {
+            present[i] = true;
+        }
+        if rest.is_empty() {
             return Ok(present);
         }
-        let ask: Vec<ChunkId> = pos.iter().map(|&i| ids[i]).collect();
+        let pos: Vec<usize> = rest.iter().map(|(i, _)| *i).collect();
+        let ask: Vec<ChunkId> = rest.into_iter().map(|(_, id)| id).collect();
         let (parallelism, parts) = lookup_parts(&ask, parallelism);
         let starts: Vec<usize> = parts
             .iter()
@@ -371,13 +377,21 @@ impl Catalog {
         parallelism: usize,
     ) -> Result<Vec<Option<ChunkLocation>>> {
         let filter = self.chunk_filter.active();
-        let ask: Vec<ChunkId> = match &filter {
-            Some(f) => ids.iter().filter(|id| f.may_contain(id)).copied().collect(),
-            None => ids.to_vec(),
-        };
-        if ask.is_empty() {
-            return Ok(vec![None; ids.len()]);
+        let maybe = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| filter.as_ref().is_none_or(|f| f.may_contain(id)))
+            .map(|(i, id)| (i, *id));
+        // Staged rows first, then SQL (staging.rs: never neither).
+        let (staged, rest) = self.staged.partition(maybe);
+        let mut out = vec![None; ids.len()];
+        for (i, loc) in staged {
+            out[i] = Some(loc);
         }
+        if rest.is_empty() {
+            return Ok(out);
+        }
+        let ask: Vec<ChunkId> = rest.iter().map(|(_, id)| *id).collect();
         let (parallelism, batches) = lookup_parts(&ask, parallelism);
         let pool = self.pool.clone();
         let found: HashMap<ChunkId, ChunkLocation> = stream::iter(batches)
@@ -391,7 +405,10 @@ impl Catalog {
                 },
             )
             .await?;
-        Ok(ids.iter().map(|id| found.get(id).copied()).collect())
+        for (i, id) in rest {
+            out[i] = found.get(&id).copied();
+        }
+        Ok(out)
     }
 
     /// Location of one chunk.
@@ -402,6 +419,9 @@ impl Catalog {
             .is_some_and(|f| !f.may_contain(id))
         {
             return Ok(None);
+        }
+        if let Some(loc) = self.staged.get(id) {
+            return Ok(Some(loc));
         }
         let row = sqlx::query_as::<_, ChunkTuple>(
             "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE id = ?",
@@ -426,6 +446,9 @@ impl Catalog {
         {
             return Ok(None);
         }
+        if let Some(staged) = self.staged.get_with_base(id) {
+            return Ok(Some(staged));
+        }
         let row = sqlx::query_as::<_, (Vec<u8>, Vec<u8>, i64, i64, i64, Option<Vec<u8>>)>(
             "SELECT id, pack_id, \"offset\", len, raw_len, base FROM chunks WHERE id = ?",
         )
@@ -442,9 +465,10 @@ impl Catalog {
         Ok(Some((loc, base)))
     }
 
-    /// Up to `limit` distinct ids that some chunk row names as its base,
-    /// ascending, after `after`: GC keeps them all (keyset pages over the
-    /// partial index `chunks_base`).
+    /// Distinct ids that some chunk row (merged or staged) names as its
+    /// base, ascending, after `after`: GC keeps them all (keyset pages over
+    /// the partial index `chunks_base`, plus the staged bases they span). A
+    /// page with fewer than `limit` ids is the last.
     pub async fn delta_bases_page(
         &self,
         after: Option<&ChunkId>,
@@ -458,9 +482,21 @@ impl Catalog {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        let full = rows.len() >= limit as usize;
+        let mut page: std::collections::BTreeSet<ChunkId> = rows
+            .into_iter()
             .map(|(b,)| ChunkId::from_slice(&b).map_err(|e| CatalogError::Invalid(e.to_string())))
-            .collect()
+            .collect::<Result<_>>()?;
+        // Bases of staged rows: up to the page's last id while SQL has more
+        // pages, all of them on the last page.
+        let last = page.last().copied();
+        page.extend(
+            self.staged
+                .bases_after(after)
+                .into_iter()
+                .filter(|b| !full || last.is_none_or(|l| *b <= l)),
+        );
+        Ok(page.into_iter().collect())
     }
 
     /// Records a durable pack and its chunks in one transaction. Idempotent:
@@ -497,17 +533,47 @@ impl Catalog {
         bases: &HashMap<ChunkId, ChunkId>,
     ) -> Result<()> {
         let guard = self.chunk_filter.insert_guard().await;
+        // The chunk writer (synchronous = NORMAL, see `Catalog::open`). Under
+        // it no other insert or merge runs, so what is catalogued cannot
+        // change until this transaction ends.
+        let mut writer = self.chunk_writer.lock().await;
+        let conn = writer
+            .as_mut()
+            .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
+        // A chunk keeps its first location: ids staged already are known,
+        // and ids the filter cannot rule out are checked in `chunks` below
+        // (asked before this insert adds its own ids to the filter).
+        let filter = self.chunk_filter.active();
+        let all = || packs.iter().flat_map(|(_, c)| c.iter().map(|c| c.chunk_id));
+        let mut known: HashSet<ChunkId> = all().filter(|id| self.staged.contains(id)).collect();
+        let ask: Vec<ChunkId> = all()
+            .filter(|id| !known.contains(id))
+            .filter(|id| filter.as_ref().is_none_or(|f| f.may_contain(id)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         guard.add(
             packs
                 .iter()
                 .flat_map(|(_, c)| c.iter().map(|c| &c.chunk_id)),
         );
-        // The chunk writer (synchronous = NORMAL, see `Catalog::open`).
-        let mut writer = self.chunk_writer.lock().await;
-        let conn = writer
-            .as_mut()
-            .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
         let mut tx = sqlx::Connection::begin(conn).await?;
+        for part in ask.chunks(LOOKUP_BATCH) {
+            let sql = format!(
+                "SELECT id FROM chunks WHERE id IN ({})",
+                vec!["?"; part.len()].join(", ")
+            );
+            let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql);
+            for id in part {
+                q = q.bind(&id.0[..]);
+            }
+            for id in q.fetch_all(&mut *tx).await? {
+                known.insert(
+                    ChunkId::from_slice(&id).map_err(|e| CatalogError::Invalid(e.to_string()))?,
+                );
+            }
+        }
+        let mut staged: Vec<StagedRow> = Vec::new();
         for (pack, chunks) in packs {
             sqlx::query(
                 "INSERT OR IGNORE INTO packs (id, size, created_at, state) VALUES (?, ?, ?, 'sealed')",
@@ -521,28 +587,54 @@ impl Catalog {
             // bounded pack-sized transactions (docs/scale.md).
             for rows in chunks.chunks(INSERT_ROWS) {
                 let sql = format!(
-                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
-                    vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+                    "INSERT OR IGNORE INTO pack_members (pack_id, id) VALUES {}",
+                    vec!["(?, ?)"; rows.len()].join(", ")
                 );
                 let mut q = sqlx::query(&sql);
                 for c in rows {
-                    q = q
-                        .bind(&c.chunk_id.0[..])
-                        .bind(&pack.id.0[..])
-                        .bind(to_i64(c.offset, "chunk offset")?)
-                        .bind(i64::from(c.len))
-                        .bind(i64::from(c.raw_len))
-                        .bind(bases.get(&c.chunk_id).map(|b| b.0.to_vec()));
+                    q = q.bind(&pack.id.0[..]).bind(&c.chunk_id.0[..]);
                 }
                 q.execute(&mut *tx).await?;
             }
+            for c in chunks.iter() {
+                if known.insert(c.chunk_id) {
+                    let loc = ChunkLocation {
+                        pack_id: pack.id,
+                        offset: c.offset,
+                        len: c.len,
+                        raw_len: c.raw_len,
+                    };
+                    staged.push((c.chunk_id, loc, bases.get(&c.chunk_id).copied()));
+                }
+            }
+        }
+        // New rows are appended to chunks_recent (staging.rs).
+        let first_seq = self.staged.take_seqs(staged.len());
+        for (k, rows) in staged.chunks(INSERT_ROWS).enumerate() {
+            let sql = format!(
+                "INSERT INTO chunks_recent (seq, id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (j, (id, loc, base)) in rows.iter().enumerate() {
+                q = q
+                    .bind(first_seq + (k * INSERT_ROWS + j) as i64)
+                    .bind(&id.0[..])
+                    .bind(&loc.pack_id.0[..])
+                    .bind(to_i64(loc.offset, "chunk offset")?)
+                    .bind(i64::from(loc.len))
+                    .bind(i64::from(loc.raw_len))
+                    .bind(base.map(|b| b.0.to_vec()));
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        self.staged.add(first_seq, &staged);
         drop(writer);
         drop(guard);
         self.checkpointer.poke();
-        self.chunk_filter.maybe_rebuild(&self.pool);
-        Ok(())
+        self.chunk_filter.maybe_rebuild(&self.pool, &self.staged);
+        self.after_staging().await
     }
 
     /// One recorded pack.
@@ -726,10 +818,14 @@ impl Catalog {
         chunk_page(&self.pool, range, after, limit).await
     }
 
-    /// The chunks the catalog places in `pack`, in offset order.
+    /// The chunks the catalog places in `pack`, in offset order (the
+    /// pack's staged rows are merged first).
     pub async fn pack_chunks(&self, pack: &PackId) -> Result<Vec<(ChunkId, ChunkLocation)>> {
+        self.merge_if_staged(pack).await?;
         let rows = sqlx::query_as::<_, ChunkTuple>(
-            "SELECT id, pack_id, \"offset\", len, raw_len FROM chunks WHERE pack_id = ? ORDER BY \"offset\"",
+            "SELECT c.id, c.pack_id, c.\"offset\", c.len, c.raw_len \
+             FROM pack_members m JOIN chunks c ON c.id = m.id \
+             WHERE m.pack_id = ?1 AND c.pack_id = ?1 ORDER BY c.\"offset\"",
         )
         .bind(&pack.0[..])
         .fetch_all(&self.pool)
@@ -749,7 +845,7 @@ impl Catalog {
         Ok((
             to_u64(packs, "pack count")?,
             to_u64(bytes, "store size")?,
-            to_u64(chunks, "chunk count")?,
+            to_u64(chunks, "chunk count")? + self.staged.unmerged() as u64,
         ))
     }
 
@@ -771,6 +867,7 @@ impl Catalog {
         old: &PackId,
         moves: &[(ChunkId, ChunkLocation)],
     ) -> Result<u64> {
+        self.merge_if_staged(old).await?;
         let mut tx = self.pool.begin().await?;
         for (id, loc) in moves {
             let n = sqlx::query(
@@ -791,18 +888,41 @@ impl Catalog {
                     "chunk {id} is no longer in pack {old}; not moved"
                 )));
             }
+            // The new pack lists it (its foreign key fails the move if the
+            // new pack is not recorded).
+            sqlx::query("INSERT OR IGNORE INTO pack_members (pack_id, id) VALUES (?, ?)")
+                .bind(&loc.pack_id.0[..])
+                .bind(&id.0[..])
+                .execute(&mut *tx)
+                .await?;
         }
-        let removed = sqlx::query("DELETE FROM chunks WHERE pack_id = ?")
+        let removed = sqlx::query(
+            "DELETE FROM chunks WHERE pack_id = ?1 \
+             AND id IN (SELECT id FROM pack_members WHERE pack_id = ?1)",
+        )
+        .bind(&old.0[..])
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM pack_members WHERE pack_id = ?")
             .bind(&old.0[..])
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .await?;
         sqlx::query("DELETE FROM packs WHERE id = ?")
             .bind(&old.0[..])
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(removed)
+    }
+
+    /// Merges the staged rows if some belong to `pack` (before GC reads or
+    /// changes its rows in `chunks`).
+    async fn merge_if_staged(&self, pack: &PackId) -> Result<()> {
+        if self.staged.has_pack(pack) {
+            self.merge_staged().await?;
+        }
+        Ok(())
     }
 
     /// (point, stream number) of every stream of every committed point.
@@ -1106,6 +1226,8 @@ mod tests {
         )
         .await
         .expect("insert");
+        // Pages read `chunks`: merged rows (GC merges first).
+        c.merge_staged().await.expect("merge");
         for n in [1, 3, 4, 7, 256, 1000] {
             let mut seen = Vec::new();
             for range in ChunkRange::split(n) {
@@ -1142,7 +1264,7 @@ mod tests {
         .expect("insert");
         // A filter sized for 100 entries holding 1000: answers stay exact.
         c.chunk_filter
-            .build(&c.pool, Some(100))
+            .build(&c.pool, &c.staged, Some(100))
             .await
             .expect("build");
         let s = c.chunk_filter_status();
@@ -1177,17 +1299,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunk_needs_its_pack() {
+    async fn pack_members_need_their_pack() {
         let (_d, c) = catalog().await;
-        // Foreign key: chunks cannot point at an unrecorded pack. The pack row
-        // is inserted first in the same transaction, so this only guards bugs.
-        let r = sqlx::query(
-            "INSERT INTO chunks (id, pack_id, \"offset\", len, raw_len) VALUES (?, ?, 0, 0, 0)",
-        )
-        .bind(&[1u8; 32][..])
-        .bind(&[2u8; 16][..])
-        .execute(&c.pool)
-        .await;
+        // Foreign key: a pack's member list cannot name an unrecorded pack.
+        // The pack row is inserted first in the same transaction, so this
+        // only guards bugs.
+        let r = sqlx::query("INSERT INTO pack_members (pack_id, id) VALUES (?, ?)")
+            .bind(&[2u8; 16][..])
+            .bind(&[1u8; 32][..])
+            .execute(&c.pool)
+            .await;
         assert!(r.is_err());
         c.insert_pack_with_chunks(
             &NewPack {

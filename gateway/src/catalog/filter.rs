@@ -20,6 +20,8 @@
 //!   active one under the gate as well, so no insert is split between them.
 //! * Until the first build finished there is no active filter and lookups go
 //!   to SQLite for every id (exact, only slower).
+//! * Staged rows (`staging.rs`) are streamed after the table; a merge adds
+//!   its ids under the gate like an insert.
 //! * Deleted rows leave their bits set (stale positives cost a lookup). A
 //!   filter that received more ids than it was sized for is rebuilt, twice as
 //!   large, in the background; the old one keeps answering meanwhile.
@@ -35,6 +37,7 @@ use sqlx::sqlite::SqlitePool;
 use tierback_format::ids::ChunkId;
 
 use super::data::{chunk_page, ChunkRange};
+use super::staging::Staging;
 use super::{CatalogError, Result};
 
 /// Bits per expected entry of the catalog's filter (~0.5 % false positives).
@@ -298,26 +301,32 @@ impl ChunkFilter {
     }
 
     /// Starts a background (re)build if one is needed and none runs.
-    pub(crate) fn maybe_rebuild(self: &Arc<Self>, pool: &SqlitePool) {
+    pub(crate) fn maybe_rebuild(self: &Arc<Self>, pool: &SqlitePool, staged: &Arc<Staging>) {
         if !self.needs_build() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (me, pool) = (self.clone(), pool.clone());
+        let (me, pool, staged) = (self.clone(), pool.clone(), staged.clone());
         handle.spawn(async move {
-            if let Err(e) = me.build(&pool, None).await {
+            if let Err(e) = me.build(&pool, &staged, None).await {
                 tracing::warn!(error = %e, "building the chunk filter failed; dedup lookups use SQL only");
             }
         });
     }
 
-    /// Builds a filter from every row of `chunks` and makes it active.
+    /// Builds a filter from every row of `chunks` and every staged row, and
+    /// makes it active.
     /// `entries` sizes it (default: from the file size or twice the active
     /// filter's inserts, whichever is larger). Returns without doing
     /// anything if another build runs.
-    pub(crate) async fn build(&self, pool: &SqlitePool, entries: Option<u64>) -> Result<()> {
+    pub(crate) async fn build(
+        &self,
+        pool: &SqlitePool,
+        staged: &Staging,
+        entries: Option<u64>,
+    ) -> Result<()> {
         if self
             .running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -325,7 +334,7 @@ impl ChunkFilter {
         {
             return Ok(());
         }
-        let r = self.build_running(pool, entries).await;
+        let r = self.build_running(pool, staged, entries).await;
         if let Err(e) = &r {
             *self.building.lock().unwrap_or_else(|p| p.into_inner()) = None;
             self.last.lock().unwrap_or_else(|p| p.into_inner()).2 = Some(e.to_string());
@@ -335,7 +344,12 @@ impl ChunkFilter {
         r
     }
 
-    async fn build_running(&self, pool: &SqlitePool, entries: Option<u64>) -> Result<()> {
+    async fn build_running(
+        &self,
+        pool: &SqlitePool,
+        staged: &Staging,
+        entries: Option<u64>,
+    ) -> Result<()> {
         let started = Instant::now();
         let entries = match entries {
             Some(n) => n,
@@ -375,6 +389,11 @@ impl ChunkFilter {
             .buffer_unordered(BUILD_SHARDS)
             .try_fold(0, |sum, n| async move { Ok(sum + n) })
             .await?;
+        // Staged rows after the table: a row merged meanwhile was added by
+        // its merge (which holds the gate like an insert), so none is missed.
+        let staged = staged.ids();
+        staged.iter().for_each(|id| new.insert(id));
+        let rows = rows + staged.len() as u64;
         {
             let _gate = self.gate.write().await;
             *self.active.write().unwrap_or_else(|p| p.into_inner()) = Some(new.clone());

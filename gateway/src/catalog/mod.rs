@@ -8,7 +8,9 @@
 //! chunks and recovery points; `groups.rs` holds protection groups;
 //! `queue.rs` the scheduled-job queue; `filter.rs` the in-memory Bloom filter
 //! that answers "not catalogued" for most new chunks without SQL;
-//! `checkpoint.rs` the task that checkpoints the WAL outside commits.
+//! `checkpoint.rs` the task that checkpoints the WAL outside commits;
+//! `staging.rs` the recent chunk rows, appended first and merged into
+//! `chunks` in id order.
 
 mod checkpoint;
 mod control;
@@ -16,6 +18,7 @@ mod data;
 mod filter;
 mod groups;
 mod queue;
+mod staging;
 mod tracking;
 
 pub use control::*;
@@ -23,6 +26,7 @@ pub use data::*;
 pub use filter::{BlockedBloom, ChunkFilterStatus};
 pub use groups::*;
 pub use queue::*;
+pub use staging::MERGE_AT;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -59,6 +63,9 @@ pub struct Catalog {
     /// with `synchronous = NORMAL` (see [`Catalog::open`]); `None` once
     /// closed.
     pub(crate) chunk_writer: checkpoint::Writer,
+    /// Chunk rows appended to `chunks_recent` and not yet merged into
+    /// `chunks` (`staging.rs`).
+    pub(crate) staged: Arc<staging::Staging>,
 }
 
 impl Catalog {
@@ -113,18 +120,20 @@ impl Catalog {
             pool.clone(),
             chunk_writer.clone(),
         ));
-        let chunk_filter = Arc::new(filter::ChunkFilter::default());
-        if filter::db_bytes(&pool).await? <= filter::INLINE_BUILD_MAX_BYTES {
-            chunk_filter.build(&pool, None).await?;
-        } else {
-            chunk_filter.maybe_rebuild(&pool);
-        }
-        Ok(Self {
+        let c = Self {
             pool,
-            chunk_filter,
+            chunk_filter: Arc::new(filter::ChunkFilter::default()),
             checkpointer,
             chunk_writer,
-        })
+            staged: Arc::new(staging::Staging::default()),
+        };
+        c.load_staged().await?;
+        if filter::db_bytes(&c.pool).await? <= filter::INLINE_BUILD_MAX_BYTES {
+            c.chunk_filter.build(&c.pool, &c.staged, None).await?;
+        } else {
+            c.chunk_filter.maybe_rebuild(&c.pool, &c.staged);
+        }
+        Ok(c)
     }
 
     /// State of the chunk filter.

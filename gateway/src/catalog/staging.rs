@@ -1,0 +1,556 @@
+//! Staged chunk rows: new rows are appended to `chunks_recent` and held
+//! here, then merged into `chunks` in id order (`migrations/0007_staging.sql`,
+//! docs/scale.md "Staged chunk rows").
+//!
+//! Why: a chunk id is a random keyed hash, so a row inserted into `chunks`
+//! dirties its own leaf (and the WAL and the checkpoint copy it) — at 80 M
+//! rows the single writer managed 16–27 k rows/s. An append dirties the last
+//! page of `chunks_recent` only, and a merge of many staged rows writes the
+//! rows that share a leaf together.
+//!
+//! What keeps answers exact:
+//!
+//! * A staged row enters [`Staging`] only after its transaction committed,
+//!   under the chunk writer's lock; it leaves only after a merge committed
+//!   it into `chunks` and deleted it from `chunks_recent`. A reader asks
+//!   [`Staging`] first and SQL second, so a row moving between the two is
+//!   seen in one or both, never in neither.
+//! * An id already catalogued (in `chunks` or staged) is not staged again:
+//!   a chunk keeps its first location, as `INSERT OR IGNORE` did.
+//! * Merges add their ids to the chunk filter under its insert guard, like
+//!   inserts, so a filter build running meanwhile misses none; a build also
+//!   streams the staged ids.
+//! * Anything that changes or deletes rows of a pack (GC) first merges the
+//!   pack's staged rows (`Catalog::merge_staged`), and then works on
+//!   `chunks` alone.
+//!
+//! Memory: ~90 bytes per staged row; merges start at [`MERGE_AT`] rows and
+//! inserts wait for a merge at twice that (bounded by configuration, not by
+//! the store's size).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
+
+use tierback_format::ids::{ChunkId, PackId};
+
+use super::data::ChunkLocation;
+use super::{Catalog, CatalogError, Result};
+
+/// Staged rows that start a background merge (~190 MiB of memory at
+/// ~90 bytes a row). At 80 M rows in `chunks` (~1.5 M leaves) a merge of
+/// this many rows puts ~1.3 rows in each leaf it writes (docs/scale.md).
+pub const MERGE_AT: usize = 2 << 20;
+/// Rows per merge transaction: consecutive ids, so each leaf's rows go in
+/// one transaction, and short, so appends and commits wait well under a
+/// second for the chunk writer.
+const MERGE_TXN_ROWS: usize = 8192;
+/// Rows per multi-row statement of a merge (6 bound values each).
+const MERGE_STMT_ROWS: usize = 128;
+
+/// One staged row.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    seq: i64,
+    loc: ChunkLocation,
+}
+
+/// A value at its position in the caller's list.
+pub(crate) type Positioned<T> = (usize, T);
+
+/// A row to stage or merge, with its delta base.
+pub(crate) type StagedRow = (ChunkId, ChunkLocation, Option<ChunkId>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    rows: HashMap<ChunkId, Row>,
+    /// Bases of the staged delta rows.
+    bases: HashMap<ChunkId, ChunkId>,
+    /// Staged rows per pack.
+    packs: HashMap<PackId, u32>,
+    /// Next `chunks_recent.seq`.
+    next_seq: i64,
+    /// Rows of the running merge already committed into `chunks` (they are
+    /// counted once by [`Staging::unmerged`]).
+    merged: usize,
+}
+
+/// The staged rows in memory (see the module doc).
+#[derive(Debug)]
+pub(crate) struct Staging {
+    inner: RwLock<Inner>,
+    /// One merge at a time.
+    merging: tokio::sync::Mutex<()>,
+    /// Rows that start a merge (tests lower it).
+    merge_at: AtomicUsize,
+}
+
+impl Default for Staging {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            merging: tokio::sync::Mutex::new(()),
+            merge_at: AtomicUsize::new(MERGE_AT),
+        }
+    }
+}
+
+impl Staging {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Location of a staged chunk.
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        self.read().rows.get(id).map(|r| r.loc)
+    }
+
+    /// Location and delta base of a staged chunk.
+    pub(crate) fn get_with_base(&self, id: &ChunkId) -> Option<(ChunkLocation, Option<ChunkId>)> {
+        let inner = self.read();
+        inner
+            .rows
+            .get(id)
+            .map(|r| (r.loc, inner.bases.get(id).copied()))
+    }
+
+    /// Splits `ids` into (positions staged with their locations, the ids
+    /// left for SQL with their positions).
+    pub(crate) fn partition(
+        &self,
+        ids: impl IntoIterator<Item = (usize, ChunkId)>,
+    ) -> (Vec<Positioned<ChunkLocation>>, Vec<Positioned<ChunkId>>) {
+        let inner = self.read();
+        let (mut hit, mut rest) = (Vec::new(), Vec::new());
+        for (i, id) in ids {
+            match inner.rows.get(&id) {
+                Some(r) => hit.push((i, r.loc)),
+                None => rest.push((i, id)),
+            }
+        }
+        (hit, rest)
+    }
+
+    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
+        self.read().rows.contains_key(id)
+    }
+
+    /// Staged rows not yet committed into `chunks`.
+    pub(crate) fn unmerged(&self) -> usize {
+        let inner = self.read();
+        inner.rows.len().saturating_sub(inner.merged)
+    }
+
+    /// Whether any row of `pack` is staged.
+    pub(crate) fn has_pack(&self, pack: &PackId) -> bool {
+        self.read().packs.contains_key(pack)
+    }
+
+    /// Every staged id (the chunk filter's build).
+    pub(crate) fn ids(&self) -> Vec<ChunkId> {
+        self.read().rows.keys().copied().collect()
+    }
+
+    /// Distinct bases of staged delta rows above `after`, ascending.
+    pub(crate) fn bases_after(&self, after: Option<&ChunkId>) -> BTreeSet<ChunkId> {
+        self.read()
+            .bases
+            .values()
+            .filter(|b| after.is_none_or(|a| *b > a))
+            .copied()
+            .collect()
+    }
+
+    /// Reserves `n` sequence numbers (call under the chunk writer's lock).
+    pub(crate) fn take_seqs(&self, n: usize) -> i64 {
+        let mut inner = self.write();
+        let first = inner.next_seq;
+        inner.next_seq += n as i64;
+        first
+    }
+
+    /// Adds committed rows (call under the chunk writer's lock), numbered
+    /// from `first_seq`.
+    pub(crate) fn add(&self, first_seq: i64, rows: &[StagedRow]) {
+        let mut inner = self.write();
+        for (k, (id, loc, base)) in rows.iter().enumerate() {
+            let seq = first_seq + k as i64;
+            inner.next_seq = inner.next_seq.max(seq + 1);
+            inner.rows.insert(*id, Row { seq, loc: *loc });
+            if let Some(b) = base {
+                inner.bases.insert(*id, *b);
+            }
+            *inner.packs.entry(loc.pack_id).or_default() += 1;
+        }
+    }
+
+    /// The staged rows with their sequence numbers up to the highest one,
+    /// sorted by id (call under the chunk writer's lock).
+    fn snapshot(&self) -> (i64, Vec<StagedRow>) {
+        let inner = self.read();
+        let upto = inner.rows.values().map(|r| r.seq).max().unwrap_or(0);
+        let mut rows: Vec<StagedRow> = inner
+            .rows
+            .iter()
+            .map(|(id, r)| (*id, r.loc, inner.bases.get(id).copied()))
+            .collect();
+        rows.sort_unstable_by_key(|r| r.0);
+        (upto, rows)
+    }
+
+    fn note_merged(&self, n: usize) {
+        self.write().merged += n;
+    }
+
+    /// Drops the rows numbered up to `upto` (merged and deleted from
+    /// `chunks_recent`).
+    fn remove_upto(&self, upto: i64) {
+        let mut inner = self.write();
+        let gone: Vec<(ChunkId, PackId)> = inner
+            .rows
+            .iter()
+            .filter(|(_, r)| r.seq <= upto)
+            .map(|(id, r)| (*id, r.loc.pack_id))
+            .collect();
+        for (id, pack) in gone {
+            inner.rows.remove(&id);
+            inner.bases.remove(&id);
+            if let Some(n) = inner.packs.get_mut(&pack) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.packs.remove(&pack);
+                }
+            }
+        }
+        inner.merged = 0;
+        let keep = inner.rows.len() * 2;
+        inner.rows.shrink_to(keep);
+    }
+
+    pub(crate) fn set_merge_at(&self, rows: usize) {
+        self.merge_at.store(rows.max(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn merge_at(&self) -> usize {
+        self.merge_at.load(Ordering::Relaxed)
+    }
+}
+
+type RecentRow = (i64, Vec<u8>, Vec<u8>, i64, i64, i64, Option<Vec<u8>>);
+
+impl Catalog {
+    /// Loads the rows of `chunks_recent` into memory (at open).
+    pub(crate) async fn load_staged(&self) -> Result<()> {
+        let rows: Vec<RecentRow> = sqlx::query_as(
+            "SELECT seq, id, pack_id, \"offset\", len, raw_len, base FROM chunks_recent ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
+        let next: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM chunks_recent")
+            .fetch_one(&self.pool)
+            .await?;
+        let mut inner = self.staged.write();
+        inner.next_seq = next;
+        drop(inner);
+        for (seq, id, pack, offset, len, raw_len, base) in rows {
+            let (_, loc) = super::data::decode_location((id.clone(), pack, offset, len, raw_len))?;
+            let id = ChunkId::from_slice(&id).map_err(bad)?;
+            let base = base
+                .map(|b| ChunkId::from_slice(&b).map_err(bad))
+                .transpose()?;
+            self.staged.add(seq, &[(id, loc, base)]);
+        }
+        Ok(())
+    }
+
+    /// Rows staged and not yet merged into `chunks`.
+    pub fn staged_chunks(&self) -> usize {
+        self.staged.unmerged()
+    }
+
+    /// Staged rows that start a background merge (default [`MERGE_AT`];
+    /// tests and benchmarks change it).
+    pub fn set_merge_at(&self, rows: usize) {
+        self.staged.set_merge_at(rows);
+    }
+
+    /// Merges every staged row into `chunks` (id order, [`MERGE_TXN_ROWS`]
+    /// per transaction) and then deletes them from `chunks_recent`. Waits
+    /// for a merge already running, then merges what is left. Returns the
+    /// rows merged. Idempotent after a crash: the rows stay staged until the
+    /// final delete, and merging a row twice is ignored.
+    pub async fn merge_staged(&self) -> Result<u64> {
+        let _merging = self.staged.merging.lock().await;
+        let (upto, rows) = {
+            let _writer = self.chunk_writer.lock().await;
+            self.staged.snapshot()
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        for part in rows.chunks(MERGE_TXN_ROWS) {
+            let guard = self.chunk_filter.insert_guard().await;
+            guard.add(part.iter().map(|(id, _, _)| id));
+            let mut writer = self.chunk_writer.lock().await;
+            let conn = writer
+                .as_mut()
+                .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
+            let mut tx = sqlx::Connection::begin(conn).await?;
+            for stmt in part.chunks(MERGE_STMT_ROWS) {
+                let sql = format!(
+                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
+                    vec!["(?, ?, ?, ?, ?, ?)"; stmt.len()].join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for (id, loc, base) in stmt {
+                    q = q
+                        .bind(&id.0[..])
+                        .bind(&loc.pack_id.0[..])
+                        .bind(super::data::to_i64(loc.offset, "chunk offset")?)
+                        .bind(i64::from(loc.len))
+                        .bind(i64::from(loc.raw_len))
+                        .bind(base.map(|b| b.0.to_vec()));
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            self.staged.note_merged(part.len());
+            drop(writer);
+            drop(guard);
+            self.checkpointer.poke();
+        }
+        let mut writer = self.chunk_writer.lock().await;
+        let conn = writer
+            .as_mut()
+            .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
+        sqlx::query("DELETE FROM chunks_recent WHERE seq <= ?")
+            .bind(upto)
+            .execute(&mut *conn)
+            .await?;
+        self.staged.remove_upto(upto);
+        drop(writer);
+        self.checkpointer.poke();
+        Ok(rows.len() as u64)
+    }
+
+    /// After an insert: starts a background merge once [`MERGE_AT`] rows
+    /// are staged; at twice that, merges before returning (the staged rows
+    /// stay bounded whatever the insert rate).
+    pub(crate) async fn after_staging(&self) -> Result<()> {
+        let at = self.staged.merge_at();
+        let staged = self.staged.unmerged();
+        if staged >= 2 * at {
+            self.merge_staged().await?;
+        } else if staged >= at && self.staged.merging.try_lock().is_ok() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.merge_staged().await {
+                    tracing::warn!(error = %e, "merging staged chunk rows failed; they stay staged and are retried");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{test_catalog, NewPack};
+    use tierback_format::pack::TocEntry;
+
+    fn id(i: u32) -> ChunkId {
+        ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes())
+    }
+
+    fn toc(ids: &[ChunkId]) -> Vec<TocEntry> {
+        ids.iter()
+            .enumerate()
+            .map(|(k, id)| TocEntry {
+                chunk_id: *id,
+                offset: 64 + 1000 * k as u64,
+                len: 900,
+                raw_len: 4096,
+            })
+            .collect()
+    }
+
+    async fn insert(c: &Catalog, pack: u8, ids: &[ChunkId]) {
+        c.insert_pack_with_chunks(
+            &NewPack {
+                id: PackId([pack; 16]),
+                size: 1 << 20,
+                created_at: 1,
+            },
+            &toc(ids),
+        )
+        .await
+        .expect("insert");
+    }
+
+    async fn count(c: &Catalog, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&c.pool)
+            .await
+            .expect("count")
+    }
+
+    /// (staged, merged) rows in SQL.
+    async fn rows(c: &Catalog) -> (i64, i64) {
+        (count(c, "chunks_recent").await, count(c, "chunks").await)
+    }
+
+    /// Every way of asking finds the row where it is: staged, merged, or
+    /// reloaded from `chunks_recent` after a reopen.
+    async fn assert_found(c: &Catalog, ids: &[ChunkId], pack: u8) {
+        let mut ask = ids.to_vec();
+        ask.push(id(999_999));
+        let locs = c.lookup_chunks(&ask).await.expect("lookup");
+        let present = c.contains_chunks(&ask).await.expect("contains");
+        for (k, want) in ids.iter().enumerate() {
+            let loc = locs[k].expect("located");
+            assert_eq!(loc.pack_id, PackId([pack; 16]), "chunk {k}");
+            assert_eq!(loc.offset, 64 + 1000 * k as u64);
+            assert!(present[k]);
+            assert_eq!(c.chunk_location(want).await.expect("one"), Some(loc));
+        }
+        assert_eq!(locs[ids.len()], None);
+        assert!(!present[ids.len()]);
+    }
+
+    #[tokio::test]
+    async fn staged_rows_are_found_before_and_after_their_merge_and_a_reopen() {
+        let (dir, c) = test_catalog().await;
+        let ids: Vec<ChunkId> = (0..300).map(id).collect();
+        insert(&c, 1, &ids).await;
+        assert_eq!(c.staged_chunks(), 300);
+        assert_eq!(rows(&c).await, (300, 0));
+        assert_found(&c, &ids, 1).await;
+        assert_eq!(c.store_totals().await.expect("totals").2, 300);
+
+        // Reopen: the staged rows come back from chunks_recent.
+        c.close().await;
+        let c = Catalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("reopen");
+        assert_eq!(c.staged_chunks(), 300);
+        assert_found(&c, &ids, 1).await;
+
+        assert_eq!(c.merge_staged().await.expect("merge"), 300);
+        assert_eq!(c.staged_chunks(), 0);
+        assert_eq!(rows(&c).await, (0, 300));
+        assert_found(&c, &ids, 1).await;
+        assert_eq!(c.store_totals().await.expect("totals").2, 300);
+        assert_eq!(c.merge_staged().await.expect("nothing left"), 0);
+
+        // A chunk keeps its first location, staged or merged.
+        let more: Vec<ChunkId> = (300..310).map(id).collect();
+        insert(&c, 2, &more).await;
+        insert(&c, 3, &[ids[0], more[0], id(310)]).await;
+        assert_eq!(c.staged_chunks(), 11);
+        assert_found(&c, &ids, 1).await;
+        assert_found(&c, &more, 2).await;
+        c.merge_staged().await.expect("merge");
+        assert_found(&c, &ids, 1).await;
+        assert_found(&c, &more, 2).await;
+        // Pack 3 holds only its one new chunk, but lists all three members.
+        let p3 = c.pack_chunks(&PackId([3; 16])).await.expect("pack 3");
+        assert_eq!(p3.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [id(310)]);
+        assert_eq!(count(&c, "pack_members").await, 313);
+    }
+
+    #[tokio::test]
+    async fn merges_start_by_themselves_and_bound_the_staged_rows() {
+        let (_d, c) = test_catalog().await;
+        c.set_merge_at(100);
+        let mut all = Vec::new();
+        for p in 0..20u8 {
+            let ids: Vec<ChunkId> = (0..64).map(|k| id(u32::from(p) * 64 + k)).collect();
+            insert(&c, p, &ids).await;
+            // Inserts wait for a merge at twice the threshold.
+            assert!(c.staged_chunks() < 200 + 64, "{}", c.staged_chunks());
+            all.push(ids);
+        }
+        c.merge_staged().await.expect("merge");
+        assert_eq!(count(&c, "chunks").await, 20 * 64);
+        assert_eq!(count(&c, "chunks_recent").await, 0);
+        for (p, ids) in all.iter().enumerate() {
+            assert_found(&c, ids, p as u8).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn gc_queries_see_staged_rows_of_a_pack_and_their_bases() {
+        let (_d, c) = test_catalog().await;
+        let (base, delta) = (id(1), id(2));
+        insert(&c, 1, &[base]).await;
+        c.merge_staged().await.expect("merge");
+        c.insert_pack_with_bases(
+            &NewPack {
+                id: PackId([2; 16]),
+                size: 1 << 20,
+                created_at: 1,
+            },
+            &toc(&[delta, id(3)]),
+            &HashMap::from([(delta, base)]),
+        )
+        .await
+        .expect("insert delta");
+        // Staged: the base is named, the pack's rows are listed (merging
+        // them first), then the pack is dropped with its rows and members.
+        assert_eq!(c.delta_bases_page(None, 10).await.expect("bases"), [base]);
+        assert_eq!(
+            c.chunk_location_and_base(&delta)
+                .await
+                .expect("delta")
+                .map(|d| d.1),
+            Some(Some(base))
+        );
+        let rows = c.pack_chunks(&PackId([2; 16])).await.expect("pack 2");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(c.staged_chunks(), 0);
+        assert_eq!(c.delta_bases_page(None, 10).await.expect("bases"), [base]);
+        assert_eq!(c.delete_pack(&PackId([2; 16])).await.expect("drop"), 2);
+        assert_eq!(
+            c.lookup_chunks(&[delta, id(3), base])
+                .await
+                .expect("lookup")[..2],
+            [None, None]
+        );
+        assert_eq!(count(&c, "pack_members").await, 1);
+        assert!(c
+            .delta_bases_page(None, 10)
+            .await
+            .expect("bases")
+            .is_empty());
+
+        // A staged pack dropped directly is merged first, then dropped.
+        insert(&c, 4, &[id(4), id(5)]).await;
+        assert_eq!(c.delete_pack(&PackId([4; 16])).await.expect("drop"), 2);
+        assert_eq!(c.staged_chunks(), 0);
+        assert_eq!(c.chunk_location(&id(4)).await.expect("gone"), None);
+    }
+
+    #[tokio::test]
+    async fn a_filter_build_streams_staged_and_merged_rows() {
+        let (_d, c) = test_catalog().await;
+        let merged: Vec<ChunkId> = (0..500).map(id).collect();
+        let staged: Vec<ChunkId> = (500..1000).map(id).collect();
+        insert(&c, 1, &merged).await;
+        c.merge_staged().await.expect("merge");
+        insert(&c, 2, &staged).await;
+        c.chunk_filter
+            .build(&c.pool, &c.staged, Some(4096))
+            .await
+            .expect("build");
+        assert_eq!(c.chunk_filter_status().last_build_rows, 1000);
+        let f = c.chunk_filter.active().expect("filter");
+        assert!(merged.iter().chain(&staged).all(|i| f.may_contain(i)));
+        assert_found(&c, &staged, 2).await;
+    }
+}
