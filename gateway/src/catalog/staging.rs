@@ -32,6 +32,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
+use futures_util::TryStreamExt;
+
 use tierback_format::ids::{ChunkId, PackId};
 
 use super::data::ChunkLocation;
@@ -191,6 +193,7 @@ impl Staging {
     /// The staged rows with their sequence numbers up to the highest one,
     /// sorted by id (call under the chunk writer's lock).
     fn snapshot(&self) -> (i64, Vec<StagedRow>) {
+        self.write().merged = 0;
         let inner = self.read();
         let upto = inner.rows.values().map(|r| r.seq).max().unwrap_or(0);
         let mut rows: Vec<StagedRow> = inner
@@ -245,19 +248,17 @@ type RecentRow = (i64, Vec<u8>, Vec<u8>, i64, i64, i64, Option<Vec<u8>>);
 impl Catalog {
     /// Loads the rows of `chunks_recent` into memory (at open).
     pub(crate) async fn load_staged(&self) -> Result<()> {
-        let rows: Vec<RecentRow> = sqlx::query_as(
-            "SELECT seq, id, pack_id, \"offset\", len, raw_len, base FROM chunks_recent ORDER BY seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
         let next: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM chunks_recent")
             .fetch_one(&self.pool)
             .await?;
-        let mut inner = self.staged.write();
-        inner.next_seq = next;
-        drop(inner);
-        for (seq, id, pack, offset, len, raw_len, base) in rows {
+        self.staged.write().next_seq = next;
+        let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
+        // Streamed: up to 4 Mi rows, not gathered first.
+        let mut rows = sqlx::query_as::<_, RecentRow>(
+            "SELECT seq, id, pack_id, \"offset\", len, raw_len, base FROM chunks_recent ORDER BY seq",
+        )
+        .fetch(&self.pool);
+        while let Some((seq, id, pack, offset, len, raw_len, base)) = rows.try_next().await? {
             let (_, loc) = super::data::decode_location((id.clone(), pack, offset, len, raw_len))?;
             let id = ChunkId::from_slice(&id).map_err(bad)?;
             let base = base
@@ -462,6 +463,39 @@ mod tests {
         let p3 = c.pack_chunks(&PackId([3; 16])).await.expect("pack 3");
         assert_eq!(p3.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [id(310)]);
         assert_eq!(count(&c, "pack_members").await, 313);
+    }
+
+    #[tokio::test]
+    async fn a_merge_cut_short_by_a_crash_is_redone_at_the_next_open() {
+        let (dir, c) = test_catalog().await;
+        let ids: Vec<ChunkId> = (0..200).map(id).collect();
+        insert(&c, 1, &ids).await;
+        // A crash after the first half's merge transaction committed, before
+        // the staged copies were deleted.
+        sqlx::query(
+            "INSERT INTO chunks (id, pack_id, \"offset\", len, raw_len, base) \
+             SELECT id, pack_id, \"offset\", len, raw_len, base FROM chunks_recent \
+             ORDER BY id LIMIT 100",
+        )
+        .execute(&c.pool)
+        .await
+        .expect("half a merge");
+        c.close().await;
+        let c = Catalog::open(&dir.path().join("catalog.db"))
+            .await
+            .expect("reopen");
+        assert_eq!(rows(&c).await, (200, 100));
+        assert_found(&c, &ids, 1).await;
+        assert_eq!(c.merge_staged().await.expect("merge"), 200);
+        assert_eq!(rows(&c).await, (0, 200));
+        assert_found(&c, &ids, 1).await;
+        // New rows after the reopen are numbered after the reloaded ones.
+        insert(&c, 2, &[id(500)]).await;
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM chunks_recent")
+            .fetch_one(&c.pool)
+            .await
+            .expect("seq");
+        assert!(seq > 200, "{seq}");
     }
 
     #[tokio::test]
