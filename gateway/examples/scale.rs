@@ -31,6 +31,7 @@
 //! variant: pack-id scheme x packs per transaction; 0 = none),
 //! --sustain-rows [3 x MERGE_AT] (rows of the sustained-insert run: one
 //! pack per transaction with the staged rows' merges included),
+//! --merge-at [MERGE_AT] (staged rows that start a merge),
 //! --insert-only (stop after the insert sweep and the sustained run).
 //!
 //! Quick insert check without hours of API fill (docs/scale.md):
@@ -70,6 +71,7 @@ struct Args {
     ordered_ids: bool,
     sweep_packs: u64,
     sustain_rows: u64,
+    merge_at: usize,
     insert_only: bool,
 }
 
@@ -92,6 +94,7 @@ fn parse() -> Result<Args> {
         ordered_ids: false,
         sweep_packs: 512,
         sustain_rows: 3 * tierback_gateway::catalog::MERGE_AT as u64,
+        merge_at: tierback_gateway::catalog::MERGE_AT,
         insert_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -127,6 +130,7 @@ fn parse() -> Result<Args> {
             "--ref-indexes" => a.ref_indexes = n()?,
             "--sweep-packs" => a.sweep_packs = n()?,
             "--sustain-rows" => a.sustain_rows = n()?,
+            "--merge-at" => a.merge_at = usize::try_from(n()?)?,
             "--pack-ids" => {
                 a.ordered_ids = match v.as_str() {
                     "random" => false,
@@ -738,6 +742,7 @@ async fn main() -> Result<()> {
     let rss_before = status("VmRSS:");
     let t0 = Instant::now();
     let c = Catalog::open(&db).await?;
+    c.set_merge_at(a.merge_at);
     let opened = t0.elapsed();
     if !c.wait_chunk_filter(Duration::from_secs(3600)).await {
         bail!("chunk filter not built: {:?}", c.chunk_filter_status());

@@ -263,7 +263,10 @@ async fn select_chunks(
 /// message, so one row per statement instead of one per hit is faster: at
 /// 80 M rows, 8 statements at once, 120 k hits/s against 95 k/s for the
 /// locations query in the same run (docs/scale.md, fourth pass).
-async fn select_present(pool: sqlx::SqlitePool, batch: Vec<ChunkId>) -> Result<Vec<usize>> {
+pub(crate) async fn select_present(
+    pool: sqlx::SqlitePool,
+    batch: Vec<ChunkId>,
+) -> Result<Vec<usize>> {
     let values: Vec<String> = (0..batch.len()).map(|i| format!("({i}, ?)")).collect();
     let sql = format!(
         "SELECT group_concat(v.column1) FROM (VALUES {}) AS v \
