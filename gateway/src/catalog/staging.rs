@@ -24,9 +24,10 @@
 //!   pack's staged rows (`Catalog::merge_staged`), and then works on
 //!   `chunks` alone.
 //!
-//! Memory: ~90 bytes per staged row; merges start at [`MERGE_AT`] rows and
-//! inserts wait for a merge at twice that (bounded by configuration, not by
-//! the store's size).
+//! Memory: bounded by configuration, not by the store's size. Merges start
+//! at [`MERGE_AT`] rows and inserts wait for a merge at 7/4 of that; the
+//! in-memory table then has at most 4 Mi slots of ~73 bytes (~300 MiB), and
+//! a merge's sorted id list takes 32 bytes a row (~100 MiB).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,10 +40,17 @@ use tierback_format::ids::{ChunkId, PackId};
 use super::data::{ChunkLocation, LOOKUP_BATCH, LOOKUP_PARALLELISM};
 use super::{Catalog, CatalogError, Result};
 
-/// Staged rows that start a background merge (~190 MiB of memory at
-/// ~90 bytes a row). At 80 M rows in `chunks` (~1.5 M leaves) a merge of
-/// this many rows puts ~1.3 rows in each leaf it writes (docs/scale.md).
+/// Staged rows that start a background merge. At 80 M rows in `chunks`
+/// (~1.5 M leaves) a merge of this many rows puts ~1.9 rows in each leaf it
+/// writes (docs/scale.md §4).
 pub const MERGE_AT: usize = 2 << 20;
+/// Staged rows at which inserts wait for a merge: 7/4 of the merge
+/// threshold (3.5 Mi rows by default, which the in-memory table holds
+/// without growing past 4 Mi slots).
+fn stage_max(merge_at: usize) -> usize {
+    merge_at + merge_at * 3 / 4
+}
+
 /// Rows per merge transaction: consecutive ids, so each leaf's rows go in
 /// one transaction, and short, so appends and commits wait well under a
 /// second for the chunk writer.
@@ -192,17 +200,25 @@ impl Staging {
 
     /// The staged rows with their sequence numbers up to the highest one,
     /// sorted by id (call under the chunk writer's lock).
-    fn snapshot(&self) -> (i64, Vec<StagedRow>) {
+    fn snapshot(&self) -> (i64, Vec<ChunkId>) {
         self.write().merged = 0;
         let inner = self.read();
         let upto = inner.rows.values().map(|r| r.seq).max().unwrap_or(0);
-        let mut rows: Vec<StagedRow> = inner
-            .rows
-            .iter()
-            .map(|(id, r)| (*id, r.loc, inner.bases.get(id).copied()))
-            .collect();
-        rows.sort_unstable_by_key(|r| r.0);
-        (upto, rows)
+        // Ids only (32 bytes a row): the rows are read per transaction.
+        let mut ids: Vec<ChunkId> = inner.rows.keys().copied().collect();
+        ids.sort_unstable();
+        (upto, ids)
+    }
+
+    /// The staged rows of `ids` (all staged until their merge ends).
+    fn rows_of(&self, ids: &[ChunkId]) -> Vec<StagedRow> {
+        let inner = self.read();
+        ids.iter()
+            .filter_map(|id| {
+                let r = inner.rows.get(id)?;
+                Some((*id, r.loc, inner.bases.get(id).copied()))
+            })
+            .collect()
     }
 
     fn note_merged(&self, n: usize) {
@@ -253,7 +269,7 @@ impl Catalog {
             .await?;
         self.staged.write().next_seq = next;
         let bad = |e: tierback_format::ids::IdError| CatalogError::Invalid(e.to_string());
-        // Streamed: up to 4 Mi rows, not gathered first.
+        // Streamed: up to 3.5 Mi rows, not gathered first.
         let mut rows = sqlx::query_as::<_, RecentRow>(
             "SELECT seq, id, pack_id, \"offset\", len, raw_len, base FROM chunks_recent ORDER BY seq",
         )
@@ -294,7 +310,7 @@ impl Catalog {
         if rows.is_empty() {
             return Ok(0);
         }
-        let parts: Vec<&[StagedRow]> = rows.chunks(MERGE_TXN_ROWS).collect();
+        let parts: Vec<&[ChunkId]> = rows.chunks(MERGE_TXN_ROWS).collect();
         let mut prefetch = parts.first().map(|p| self.prefetch(p));
         for (k, part) in parts.iter().enumerate() {
             // The leaves this part lands in were read by the prefetch (the
@@ -303,6 +319,7 @@ impl Catalog {
                 let _ = p.await;
             }
             prefetch = parts.get(k + 1).map(|p| self.prefetch(p));
+            let part = self.staged.rows_of(part);
             let guard = self.chunk_filter.insert_guard().await;
             guard.add(part.iter().map(|(id, _, _)| id));
             let mut writer = self.chunk_writer.lock().await;
@@ -353,8 +370,8 @@ impl Catalog {
     /// writer finds the leaves it needs in the OS page cache instead of
     /// reading them one at a time (at 80 M rows the table outgrows the
     /// cache). Only a hint: errors are ignored.
-    fn prefetch(&self, part: &[StagedRow]) -> tokio::task::JoinHandle<()> {
-        let ids: Vec<ChunkId> = part.iter().map(|(id, _, _)| *id).collect();
+    fn prefetch(&self, ids: &[ChunkId]) -> tokio::task::JoinHandle<()> {
+        let ids = ids.to_vec();
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let batches: Vec<Vec<ChunkId>> =
@@ -368,12 +385,12 @@ impl Catalog {
     }
 
     /// After an insert: starts a background merge once [`MERGE_AT`] rows
-    /// are staged; at twice that, merges before returning (the staged rows
+    /// are staged; at [`stage_max`], merges before returning (the staged rows
     /// stay bounded whatever the insert rate).
     pub(crate) async fn after_staging(&self) -> Result<()> {
         let at = self.staged.merge_at();
         let staged = self.staged.unmerged();
-        if staged >= 2 * at {
+        if staged >= stage_max(at) {
             self.merge_staged().await?;
         } else if staged >= at && self.staged.merging.try_lock().is_ok() {
             let me = self.clone();
@@ -534,8 +551,8 @@ mod tests {
         for p in 0..20u8 {
             let ids: Vec<ChunkId> = (0..64).map(|k| id(u32::from(p) * 64 + k)).collect();
             insert(&c, p, &ids).await;
-            // Inserts wait for a merge at twice the threshold.
-            assert!(c.staged_chunks() < 200 + 64, "{}", c.staged_chunks());
+            // Inserts wait for a merge at 7/4 of the threshold.
+            assert!(c.staged_chunks() < stage_max(100), "{}", c.staged_chunks());
             all.push(ids);
         }
         c.merge_staged().await.expect("merge");
