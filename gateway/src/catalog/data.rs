@@ -537,8 +537,8 @@ impl Catalog {
     ) -> Result<()> {
         let guard = self.chunk_filter.insert_guard().await;
         // The chunk writer (synchronous = NORMAL, see `Catalog::open`). Under
-        // it no other insert or merge runs, so what is catalogued cannot
-        // change until this transaction ends.
+        // it no other insert or merge runs, so no row can be added to
+        // `chunks` or staged until this transaction ends (GC may delete).
         let mut writer = self.chunk_writer.lock().await;
         let conn = writer
             .as_mut()
