@@ -116,7 +116,6 @@ if [ "${TIERBACK_BENCH_SKIP_PEERS:-0}" != 1 ]; then
     got="$(find "$OUT" -name vm.vhdx | head -1)"
     cmp -s "$got" "$DAY2" || { echo "error: $tool restored a different file" >&2; exit 1; }
     rm -rf "$OUT"
-    rm -rf "$OUT"
   done
   rm -rf "$WORK/restic-repo" "$WORK/borg-repo" "$WORK/borg-home" "$WORK/restic-cache" "$SRC"
 fi

@@ -144,7 +144,7 @@ const STREAM_COLUMNS: &str =
     "point_id, stream_no, kind, path, controller, location, size, chunk_size, \
      logical_sector, physical_sector, chunk_count";
 
-pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
+fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v)
         .map_err(|_| CatalogError::Invalid(format!("{what} {v} does not fit the catalog")))
 }
@@ -237,6 +237,41 @@ pub(crate) async fn chunk_page(
         .collect()
 }
 
+/// Writes chunk rows, [`INSERT_ROWS`] per statement: appended to
+/// `chunks_recent` numbered from `first_seq`, or (`None`) merged into
+/// `chunks` with `INSERT OR IGNORE` (a chunk keeps its first location).
+pub(crate) async fn write_chunk_rows(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &[StagedRow],
+    first_seq: Option<i64>,
+) -> Result<()> {
+    let (head, cols) = match first_seq {
+        Some(_) => ("INSERT INTO chunks_recent (seq, ", "(?, ?, ?, ?, ?, ?, ?)"),
+        None => ("INSERT OR IGNORE INTO chunks (", "(?, ?, ?, ?, ?, ?)"),
+    };
+    for (k, part) in rows.chunks(INSERT_ROWS).enumerate() {
+        let sql = format!(
+            "{head}id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
+            vec![cols; part.len()].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (j, (id, loc, base)) in part.iter().enumerate() {
+            if let Some(first) = first_seq {
+                q = q.bind(first + (k * INSERT_ROWS + j) as i64);
+            }
+            q = q
+                .bind(&id.0[..])
+                .bind(&loc.pack_id.0[..])
+                .bind(to_i64(loc.offset, "chunk offset")?)
+                .bind(i64::from(loc.len))
+                .bind(i64::from(loc.raw_len))
+                .bind(base.map(|b| b.0.to_vec()));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// One `IN (…)` statement.
 async fn select_chunks(
     pool: sqlx::SqlitePool,
@@ -263,10 +298,10 @@ async fn select_chunks(
 /// message, so one row per statement instead of one per hit is faster: at
 /// 80 M rows, 8 statements at once, 120 k hits/s against 95 k/s for the
 /// locations query in the same run (docs/scale.md, fourth pass).
-pub(crate) async fn select_present(
-    pool: sqlx::SqlitePool,
-    batch: Vec<ChunkId>,
-) -> Result<Vec<usize>> {
+pub(crate) async fn select_present<'e, E>(ex: E, batch: &[ChunkId]) -> Result<Vec<usize>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
     let values: Vec<String> = (0..batch.len()).map(|i| format!("({i}, ?)")).collect();
     let sql = format!(
         "SELECT group_concat(v.column1) FROM (VALUES {}) AS v \
@@ -274,10 +309,10 @@ pub(crate) async fn select_present(
         values.join(", ")
     );
     let mut q = sqlx::query_scalar::<_, Option<String>>(&sql);
-    for id in &batch {
+    for id in batch {
         q = q.bind(&id.0[..]);
     }
-    let Some(list) = q.fetch_one(&pool).await? else {
+    let Some(list) = q.fetch_one(ex).await? else {
         return Ok(Vec::new());
     };
     list.split(',')
@@ -349,7 +384,7 @@ impl Catalog {
         let mut found = stream::iter(parts.into_iter().zip(starts))
             .map(move |(part, start)| {
                 let pool = pool.clone();
-                async move { Ok::<_, CatalogError>((start, select_present(pool, part).await?)) }
+                async move { Ok::<_, CatalogError>((start, select_present(&pool, &part).await?)) }
             })
             .buffer_unordered(parallelism);
         while let Some((start, hits)) = found.try_next().await? {
@@ -547,10 +582,14 @@ impl Catalog {
         // and ids the filter cannot rule out are checked in `chunks` below
         // (asked before this insert adds its own ids to the filter).
         let filter = self.chunk_filter.active();
-        let all = || packs.iter().flat_map(|(_, c)| c.iter().map(|c| c.chunk_id));
-        let mut known: HashSet<ChunkId> = all().filter(|id| self.staged.contains(id)).collect();
-        let ask: Vec<ChunkId> = all()
-            .filter(|id| !known.contains(id))
+        let all = packs
+            .iter()
+            .flat_map(|(_, c)| c.iter().map(|c| (c.chunk_id, c.chunk_id)));
+        let (staged_now, rest) = self.staged.partition(all);
+        let mut known: HashSet<ChunkId> = staged_now.into_iter().map(|(id, _)| id).collect();
+        let ask: Vec<ChunkId> = rest
+            .into_iter()
+            .map(|(_, id)| id)
             .filter(|id| filter.as_ref().is_none_or(|f| f.may_contain(id)))
             .collect::<HashSet<_>>()
             .into_iter()
@@ -562,19 +601,12 @@ impl Catalog {
         );
         let mut tx = sqlx::Connection::begin(conn).await?;
         for part in ask.chunks(LOOKUP_BATCH) {
-            let sql = format!(
-                "SELECT id FROM chunks WHERE id IN ({})",
-                vec!["?"; part.len()].join(", ")
+            known.extend(
+                select_present(&mut *tx, part)
+                    .await?
+                    .into_iter()
+                    .map(|k| part[k]),
             );
-            let mut q = sqlx::query_scalar::<_, Vec<u8>>(&sql);
-            for id in part {
-                q = q.bind(&id.0[..]);
-            }
-            for id in q.fetch_all(&mut *tx).await? {
-                known.insert(
-                    ChunkId::from_slice(&id).map_err(|e| CatalogError::Invalid(e.to_string()))?,
-                );
-            }
         }
         let mut staged: Vec<StagedRow> = Vec::new();
         for (pack, chunks) in packs {
@@ -613,24 +645,7 @@ impl Catalog {
         }
         // New rows are appended to chunks_recent (staging.rs).
         let first_seq = self.staged.take_seqs(staged.len());
-        for (k, rows) in staged.chunks(INSERT_ROWS).enumerate() {
-            let sql = format!(
-                "INSERT INTO chunks_recent (seq, id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for (j, (id, loc, base)) in rows.iter().enumerate() {
-                q = q
-                    .bind(first_seq + (k * INSERT_ROWS + j) as i64)
-                    .bind(&id.0[..])
-                    .bind(&loc.pack_id.0[..])
-                    .bind(to_i64(loc.offset, "chunk offset")?)
-                    .bind(i64::from(loc.len))
-                    .bind(i64::from(loc.raw_len))
-                    .bind(base.map(|b| b.0.to_vec()));
-            }
-            q.execute(&mut *tx).await?;
-        }
+        write_chunk_rows(&mut tx, &staged, Some(first_seq)).await?;
         tx.commit().await?;
         self.staged.add(first_seq, &staged);
         drop(writer);

@@ -55,8 +55,6 @@ fn stage_max(merge_at: usize) -> usize {
 /// one transaction, and short, so appends and commits wait well under a
 /// second for the chunk writer.
 const MERGE_TXN_ROWS: usize = 8192;
-/// Rows per multi-row statement of a merge (6 bound values each).
-const MERGE_STMT_ROWS: usize = 128;
 
 /// One staged row.
 #[derive(Debug, Clone, Copy)]
@@ -65,8 +63,8 @@ struct Row {
     loc: ChunkLocation,
 }
 
-/// A value at its position in the caller's list.
-pub(crate) type Positioned<T> = (usize, T);
+/// [`Staging::partition`]: (staged tags with locations, the rest).
+pub(crate) type Split<T> = (Vec<(T, ChunkLocation)>, Vec<(T, ChunkId)>);
 
 /// A row to stage or merge, with its delta base.
 pub(crate) type StagedRow = (ChunkId, ChunkLocation, Option<ChunkId>);
@@ -128,12 +126,9 @@ impl Staging {
             .map(|r| (r.loc, inner.bases.get(id).copied()))
     }
 
-    /// Splits `ids` into (positions staged with their locations, the ids
-    /// left for SQL with their positions).
-    pub(crate) fn partition(
-        &self,
-        ids: impl IntoIterator<Item = (usize, ChunkId)>,
-    ) -> (Vec<Positioned<ChunkLocation>>, Vec<Positioned<ChunkId>>) {
+    /// Splits tagged `ids` (e.g. by their position in the caller's list)
+    /// into (the staged ones' tags with their locations, the rest for SQL).
+    pub(crate) fn partition<T>(&self, ids: impl IntoIterator<Item = (T, ChunkId)>) -> Split<T> {
         let inner = self.read();
         let (mut hit, mut rest) = (Vec::new(), Vec::new());
         for (i, id) in ids {
@@ -143,10 +138,6 @@ impl Staging {
             }
         }
         (hit, rest)
-    }
-
-    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
-        self.read().rows.contains_key(id)
     }
 
     /// Staged rows not yet committed into `chunks`.
@@ -201,8 +192,8 @@ impl Staging {
     /// The staged rows with their sequence numbers up to the highest one,
     /// sorted by id (call under the chunk writer's lock).
     fn snapshot(&self) -> (i64, Vec<ChunkId>) {
-        self.write().merged = 0;
-        let inner = self.read();
+        let mut inner = self.write();
+        inner.merged = 0;
         let upto = inner.rows.values().map(|r| r.seq).max().unwrap_or(0);
         // Ids only (32 bytes a row): the rows are read per transaction.
         let mut ids: Vec<ChunkId> = inner.rows.keys().copied().collect();
@@ -327,23 +318,7 @@ impl Catalog {
                 .as_mut()
                 .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
             let mut tx = sqlx::Connection::begin(conn).await?;
-            for stmt in part.chunks(MERGE_STMT_ROWS) {
-                let sql = format!(
-                    "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) VALUES {}",
-                    vec!["(?, ?, ?, ?, ?, ?)"; stmt.len()].join(", ")
-                );
-                let mut q = sqlx::query(&sql);
-                for (id, loc, base) in stmt {
-                    q = q
-                        .bind(&id.0[..])
-                        .bind(&loc.pack_id.0[..])
-                        .bind(super::data::to_i64(loc.offset, "chunk offset")?)
-                        .bind(i64::from(loc.len))
-                        .bind(i64::from(loc.raw_len))
-                        .bind(base.map(|b| b.0.to_vec()));
-                }
-                q.execute(&mut *tx).await?;
-            }
+            super::data::write_chunk_rows(&mut tx, &part, None).await?;
             tx.commit().await?;
             self.staged.note_merged(part.len());
             drop(writer);
@@ -377,7 +352,10 @@ impl Catalog {
             let batches: Vec<Vec<ChunkId>> =
                 ids.chunks(LOOKUP_BATCH).map(<[ChunkId]>::to_vec).collect();
             stream::iter(batches)
-                .map(|b| super::data::select_present(pool.clone(), b))
+                .map(|b| {
+                    let pool = pool.clone();
+                    async move { super::data::select_present(&pool, &b).await }
+                })
                 .buffer_unordered(LOOKUP_PARALLELISM)
                 .for_each(|_| async {})
                 .await;
