@@ -29,9 +29,10 @@
 //! `fast_fill`), --pack-ids random|ordered [random] (the fill's pack-id
 //! scheme, see `pack_id`), --sweep-packs [512] (packs per insert-sweep
 //! variant: pack-id scheme x packs per transaction; 0 = none),
-//! --sustain-rows [3 x MERGE_AT] (rows of the sustained-insert run: one
-//! pack per transaction with the staged rows' merges included),
+//! --sustain-rows [MID_MAX] (rows of the sustained-insert run: one pack per
+//! transaction, every merge included, down to `chunks`),
 //! --merge-at [MERGE_AT] (staged rows that start a merge),
+//! --mid-max [MID_MAX] (rows of `chunks_mid` that start its merge),
 //! --insert-only (stop after the insert sweep and the sustained run).
 //!
 //! Quick insert check without hours of API fill (docs/scale.md):
@@ -72,6 +73,7 @@ struct Args {
     sweep_packs: u64,
     sustain_rows: u64,
     merge_at: usize,
+    mid_max: usize,
     insert_only: bool,
 }
 
@@ -93,8 +95,9 @@ fn parse() -> Result<Args> {
         fast_fill: false,
         ordered_ids: false,
         sweep_packs: 512,
-        sustain_rows: 3 * tierback_gateway::catalog::MERGE_AT as u64,
+        sustain_rows: tierback_gateway::catalog::MID_MAX as u64,
         merge_at: tierback_gateway::catalog::MERGE_AT,
+        mid_max: tierback_gateway::catalog::MID_MAX,
         insert_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -131,6 +134,7 @@ fn parse() -> Result<Args> {
             "--sweep-packs" => a.sweep_packs = n()?,
             "--sustain-rows" => a.sustain_rows = n()?,
             "--merge-at" => a.merge_at = usize::try_from(n()?)?,
+            "--mid-max" => a.mid_max = usize::try_from(n()?)?,
             "--pack-ids" => {
                 a.ordered_ids = match v.as_str() {
                     "random" => false,
@@ -342,15 +346,23 @@ async fn insert_sweep(c: &Catalog, t: &mut Table, packs: u64, pack_chunks: u64) 
     Ok(())
 }
 
-/// Merges every staged row; one table row with the rate. Returns seconds.
+/// Merges every staged row into `chunks_mid` and that into `chunks`; one
+/// table row with the rate. Returns seconds.
 async fn timed_merge(c: &Catalog, t: &mut Table, what: &str) -> Result<f64> {
     let t0 = Instant::now();
-    let n = c.merge_staged().await?;
+    let staged = c.merge_staged().await?;
+    let first = t0.elapsed().as_secs_f64();
+    let (_, moved) = c.merge_all().await?;
     let secs = t0.elapsed().as_secs_f64();
-    if n > 0 {
+    if staged + moved > 0 {
         t.row(
             what,
-            format!("{:.0} rows/s ({n} rows in {secs:.1} s)", n as f64 / secs),
+            format!(
+                "{:.0} rows/s ({staged} staged rows into chunks_mid in {first:.1} s, \
+                 {moved} rows of chunks_mid into chunks in {:.1} s)",
+                staged.max(moved) as f64 / secs,
+                secs - first
+            ),
         );
     }
     Ok(secs)
@@ -358,35 +370,41 @@ async fn timed_merge(c: &Catalog, t: &mut Table, what: &str) -> Result<f64> {
 
 /// Sustained inserts as the chunk store makes them: one pack of
 /// `pack_chunks` new rows per transaction, `rows` in all, background merges
-/// starting at `MERGE_AT` staged rows (inserts wait at twice that), then the
-/// rest merged: every row ends up in `chunks`.
+/// starting at `MERGE_AT` staged rows (inserts wait at 7/4 of that) and at
+/// `MID_MAX` rows in `chunks_mid`, then the rest merged: every row ends up
+/// in `chunks` before the clock stops.
 async fn sustained_inserts(c: &Catalog, t: &mut Table, rows: u64, pack_chunks: u64) -> Result<()> {
     let (_, _, mut next) = c.store_totals().await?;
     next += 1 << 41; // never an id of the fill or the sweep
     let t0 = Instant::now();
-    let (mut done, mut peak, mut last) = (0u64, 0usize, Instant::now());
+    let mid_before = c.mid_chunks();
+    let (mut done, mut peak, mut peak_mid, mut last) = (0u64, 0usize, 0u64, Instant::now());
     while done < rows {
         let (np, toc) = fresh_pack(&mut next, pack_chunks, false);
         c.insert_pack_with_chunks(&np, &toc).await?;
         done += pack_chunks;
         peak = peak.max(c.staged_chunks());
+        peak_mid = peak_mid.max(c.mid_chunks());
         if last.elapsed() > Duration::from_secs(30) {
             last = Instant::now();
             eprintln!(
-                "  … sustained: {done} of {rows} rows, {:.0} /s, {} staged, RSS {:.0} MiB",
+                "  … sustained: {done} of {rows} rows, {:.0} /s, {} staged, {} in chunks_mid, RSS {:.0} MiB",
                 done as f64 / t0.elapsed().as_secs_f64(),
                 c.staged_chunks(),
+                c.mid_chunks(),
                 mib(status("VmRSS:"))
             );
         }
     }
     let appended = t0.elapsed().as_secs_f64();
-    c.merge_staged().await?;
+    c.merge_all().await?;
     let total = t0.elapsed().as_secs_f64();
     t.row(
         format!("sustained inserts, one pack of {pack_chunks} per transaction, merges included"),
         format!(
-            "{:.0} /s ({done} rows in {total:.1} s; inserts returned after {appended:.1} s; at most {peak} rows staged; RSS {:.0} MiB)",
+            "{:.0} /s ({done} rows in {total:.1} s; inserts returned after {appended:.1} s; \
+             at most {peak} rows staged; chunks_mid {mid_before} rows at the start, at most \
+             {peak_mid}, 0 at the end; RSS {:.0} MiB)",
             done as f64 / total,
             mib(status("VmRSS:"))
         ),
@@ -535,6 +553,13 @@ async fn lookups_concurrent(
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = parse()?;
+    // The catalog logs its merges (RUST_LOG=warn to silence them).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .init();
     let mut t = Table(Vec::new());
     let db = a.dir.join("catalog.db");
     let db_files = vec![
@@ -743,6 +768,7 @@ async fn main() -> Result<()> {
     let t0 = Instant::now();
     let c = Catalog::open(&db).await?;
     c.set_merge_at(a.merge_at);
+    c.set_mid_max(a.mid_max);
     let opened = t0.elapsed();
     if !c.wait_chunk_filter(Duration::from_secs(3600)).await {
         bail!("chunk filter not built: {:?}", c.chunk_filter_status());

@@ -316,7 +316,8 @@ impl ChunkFilter {
         });
     }
 
-    /// Builds a filter from every row of `chunks` and every staged row, and
+    /// Builds a filter from every row of `chunks` and `chunks_mid` and every
+    /// staged row, and
     /// makes it active.
     /// `entries` sizes it (default: from the file size or twice the active
     /// filter's inserts, whichever is larger). Returns without doing

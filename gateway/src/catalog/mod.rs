@@ -9,8 +9,8 @@
 //! `queue.rs` the scheduled-job queue; `filter.rs` the in-memory Bloom filter
 //! that answers "not catalogued" for most new chunks without SQL;
 //! `checkpoint.rs` the task that checkpoints the WAL outside commits;
-//! `staging.rs` the recent chunk rows, appended first and merged into
-//! `chunks` in id order.
+//! `staging.rs` the recent chunk rows, appended first and merged in id
+//! order into `chunks_mid`, and that middle tier merged into `chunks`.
 
 mod checkpoint;
 mod control;
@@ -26,7 +26,7 @@ pub use data::*;
 pub use filter::{BlockedBloom, ChunkFilterStatus};
 pub use groups::*;
 pub use queue::*;
-pub use staging::MERGE_AT;
+pub use staging::{MERGE_AT, MID_MAX};
 
 use std::path::Path;
 use std::str::FromStr;

@@ -316,8 +316,9 @@ impl ChunkStore {
         // Packs sealed from now on are never candidates (exact start-time
         // cutoff: recorded by `write_pack`, not by clock).
         self.state().gc_new_packs = Some(HashSet::new());
-        // Every pack recorded before this point has its rows in `chunks`
-        // from here on (the plan reads that table); later packs are in
+        // Every pack recorded before this point has its rows in `chunks` or
+        // `chunks_mid` from here on (the plan reads those tables, not the
+        // staged rows in memory); later packs are in
         // `gc_new_packs` (`write_pack` adds them after their insert).
         self.catalog.merge_staged().await?;
         let mut r = GcReport {

@@ -871,7 +871,7 @@ async fn a_delta_whose_base_is_gone_is_named_as_damaged() {
     );
     commit(&f, PointId([1; 16]), "vm", &[vec![id2]]).await;
     // Lose the base's row (as a damaged catalog would).
-    f.catalog.merge_staged().await.expect("merge");
+    f.catalog.merge_all().await.expect("merge");
     sqlx::query("DELETE FROM chunks WHERE id = ?")
         .bind(&bid.0[..])
         .execute(&f.catalog.pool)
