@@ -33,7 +33,8 @@
 //! transaction, every merge included, down to `chunks`),
 //! --merge-at [MERGE_AT] (staged rows that start a merge),
 //! --mid-max [MID_MAX] (rows of `chunks_mid` that start its merge),
-//! --insert-only (stop after the insert sweep and the sustained run).
+//! --insert-only (stop after the insert sweep and the sustained run),
+//! --cold-inserts (drop the catalog's page cache before the sustained run).
 //!
 //! Quick insert check without hours of API fill (docs/scale.md):
 //! `--fast-fill --measure-packs 0 --insert-only`, then `--reuse` runs.
@@ -75,6 +76,7 @@ struct Args {
     merge_at: usize,
     mid_max: usize,
     insert_only: bool,
+    cold_inserts: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -99,6 +101,7 @@ fn parse() -> Result<Args> {
         merge_at: tierback_gateway::catalog::MERGE_AT,
         mid_max: tierback_gateway::catalog::MID_MAX,
         insert_only: false,
+        cold_inserts: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,6 +109,7 @@ fn parse() -> Result<Args> {
             "--reuse" => Some(&mut a.reuse),
             "--fast-fill" => Some(&mut a.fast_fill),
             "--insert-only" => Some(&mut a.insert_only),
+            "--cold-inserts" => Some(&mut a.cold_inserts),
             _ => None,
         };
         if let Some(on) = switch {
@@ -807,7 +811,28 @@ async fn main() -> Result<()> {
         insert_sweep(&c, &mut t, a.sweep_packs, a.pack_chunks).await?;
     }
     if a.sustain_rows > 0 {
+        if a.cold_inserts {
+            evict(&db_files)?;
+        }
+        t.row(
+            format!(
+                "catalog resident before the sustained run{}",
+                if a.cold_inserts {
+                    " (page cache dropped)"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "{} of {:.0} MiB",
+                resident(&db),
+                mib(std::fs::metadata(&db)?.len())
+            ),
+        );
         sustained_inserts(&c, &mut t, a.sustain_rows, a.pack_chunks).await?;
+        // The merges leave GBs of dirty pages behind: written back before
+        // the next measurement, not during it.
+        Command::new("sync").status().context("running sync")?;
     }
     if a.insert_only {
         c.close().await;

@@ -245,6 +245,16 @@ impl InsertGuard<'_> {
             }
         }
     }
+
+    /// Adds the ids of rows a merge moves between tables to the building
+    /// filter only: the active one has every catalogued id already (from
+    /// its build or its insert), and adding them again would count them
+    /// twice towards its capacity and rebuild it early.
+    pub(crate) fn add_moved<'b>(&self, ids: impl IntoIterator<Item = &'b ChunkId>) {
+        if let Some(f) = self.filter.building() {
+            ids.into_iter().for_each(|id| f.insert(id));
+        }
+    }
 }
 
 impl ChunkFilter {

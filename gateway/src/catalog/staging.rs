@@ -22,9 +22,9 @@
 //!   SQL reader asks both tables in one statement (one snapshot).
 //! * An id already catalogued (in either table or staged) is not staged
 //!   again: a chunk keeps its first location, as `INSERT OR IGNORE` did.
-//! * Merges add their ids to the chunk filter under its insert guard, like
-//!   inserts, so a filter build running meanwhile misses none; a build also
-//!   streams the staged ids.
+//! * Merges add their ids to a filter being built, under its insert guard
+//!   like inserts, so a build running meanwhile misses none; a build also
+//!   streams the staged ids. The active filter has them already.
 //! * Anything that changes or deletes rows of a pack (GC) first merges the
 //!   pack's staged rows (`Catalog::merge_staged`), and then works on the
 //!   two tables.
@@ -382,7 +382,7 @@ impl Catalog {
             prefetch = parts.get(k + 1).map(|p| self.prefetch_ids(p));
             let part = self.staged.rows_of(part);
             let guard = self.chunk_filter.insert_guard().await;
-            guard.add(part.iter().map(|(id, _, _)| id));
+            guard.add_moved(part.iter().map(|(id, _, _)| id));
             let mut writer = self.chunk_writer.lock().await;
             let conn = writer
                 .as_mut()
@@ -489,7 +489,7 @@ impl Catalog {
             .iter()
             .map(|b| ChunkId::from_slice(b).map_err(|e| CatalogError::Invalid(e.to_string())))
             .collect::<Result<Vec<_>>>()?;
-        guard.add(&ids);
+        guard.add_moved(&ids);
         sqlx::query(&format!(
             "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) \
              SELECT id, pack_id, \"offset\", len, raw_len, base {RANGE} ORDER BY id"
@@ -913,5 +913,20 @@ mod tests {
         assert_eq!((staged, moved), (200, 500));
         assert_eq!(rows(&c).await, (0, 0, 800));
         assert!(rounds >= 1);
+    }
+
+    /// Merges add nothing to the active filter (its ids are there since
+    /// their insert), so moving rows does not count towards its capacity.
+    #[tokio::test]
+    async fn merges_do_not_count_towards_the_filter_capacity() {
+        let (_d, c) = test_catalog().await;
+        let ids: Vec<ChunkId> = (0..500).map(id).collect();
+        insert(&c, 1, &ids).await;
+        let added = c.chunk_filter_status().added;
+        assert!(added >= 500, "{added}");
+        c.merge_all().await.expect("merge all");
+        assert_eq!(rows(&c).await, (0, 0, 500));
+        assert_eq!(c.chunk_filter_status().added, added);
+        assert_found(&c, &ids, 1).await;
     }
 }
