@@ -306,11 +306,12 @@ async fn select_chunks(
 
 /// One presence statement over `batch`: the positions (in `batch`) of the
 /// ids catalogued (in `chunks`, else in `chunks_mid`: `OR` asks the small
-/// table only for ids the large one lacks), as a single `group_concat` row. The driver copies every
-/// column of every result row and sends each row to the caller as its own
-/// message, so one row per statement instead of one per hit is faster: at
-/// 80 M rows, 8 statements at once, 120 k hits/s against 95 k/s for the
-/// locations query in the same run (docs/scale.md, fourth pass).
+/// table only for ids the large one lacks), as a single `group_concat`
+/// row. The driver copies every column of every result row and sends each
+/// row to the caller as its own message, so one row per statement instead
+/// of one per hit is faster: at 80 M rows, 8 statements at once, 120 k
+/// hits/s against 95 k/s for the locations query in the same run
+/// (docs/scale.md, fourth pass).
 pub(crate) async fn select_present<'e, E>(ex: E, batch: &[ChunkId]) -> Result<Vec<usize>>
 where
     E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
