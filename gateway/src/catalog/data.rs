@@ -946,10 +946,10 @@ impl Catalog {
                 .execute(&mut *tx)
                 .await?;
         }
-        let mut removed = 0;
-        let mut removed_mid = 0;
-        for table in ["chunks", "chunks_mid"] {
-            let n = sqlx::query(&format!(
+        // (rows removed from chunks, from chunks_mid)
+        let mut removed = [0; 2];
+        for (n, table) in removed.iter_mut().zip(["chunks", "chunks_mid"]) {
+            *n = sqlx::query(&format!(
                 "DELETE FROM {table} WHERE pack_id = ?1 \
                  AND id IN (SELECT id FROM pack_members WHERE pack_id = ?1)"
             ))
@@ -957,8 +957,6 @@ impl Catalog {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            removed += n;
-            removed_mid = n;
         }
         sqlx::query("DELETE FROM pack_members WHERE pack_id = ?")
             .bind(&old.0[..])
@@ -969,8 +967,8 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.staged.note_mid_deleted(removed_mid);
-        Ok(removed)
+        self.staged.note_mid_deleted(removed[1]);
+        Ok(removed[0] + removed[1])
     }
 
     /// Merges the staged rows if some belong to `pack` (before GC reads or

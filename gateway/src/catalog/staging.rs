@@ -22,9 +22,11 @@
 //!   SQL reader asks both tables in one statement (one snapshot).
 //! * An id already catalogued (in either table or staged) is not staged
 //!   again: a chunk keeps its first location, as `INSERT OR IGNORE` did.
-//! * Merges add their ids to a filter being built, under its insert guard
-//!   like inserts, so a build running meanwhile misses none; a build also
-//!   streams the staged ids. The active filter has them already.
+//! * Merges of staged rows add their ids to a filter being built, under its
+//!   insert guard like inserts, so a build running meanwhile misses none; a
+//!   build also streams the staged ids. The active filter has them already.
+//!   A move from `chunks_mid` to `chunks` adds nothing: a build reads both
+//!   tables in one statement per page.
 //! * Anything that changes or deletes rows of a pack (GC) first merges the
 //!   pack's staged rows (`Catalog::merge_staged`), and then works on the
 //!   two tables.
@@ -453,7 +455,8 @@ impl Catalog {
     }
 
     /// Up to [`MID_TXN_ROWS`] ids of `chunks_mid` after `after`, ascending
-    /// (where the walk goes next; the move itself reads its rows again).
+    /// (where the walk goes next and what to prefetch; the move takes the
+    /// whole id range, including rows merged into it since).
     async fn mid_ids_after(&self, after: Option<&ChunkId>) -> Result<Vec<ChunkId>> {
         let rows: Vec<Vec<u8>> =
             sqlx::query_scalar("SELECT id FROM chunks_mid WHERE id > ? ORDER BY id LIMIT ?")
@@ -468,28 +471,18 @@ impl Catalog {
 
     /// Moves the rows of `chunks_mid` with ids in (`lo`, `hi`] into `chunks`
     /// in ONE transaction; returns how many left `chunks_mid`. A chunk
-    /// keeps its first location (`INSERT OR IGNORE`). Their ids enter the
-    /// chunk filter under its insert guard, so a build streaming the tables
-    /// meanwhile misses none.
+    /// keeps its first location (`INSERT OR IGNORE`). Nothing is added to
+    /// the chunk filter: a build reads both tables in one statement per
+    /// page (`chunk_page`), so a row moving between them is streamed once
+    /// whenever it moves.
     async fn move_mid_range(&self, lo: Option<&ChunkId>, hi: &ChunkId) -> Result<u64> {
         const RANGE: &str = "FROM chunks_mid WHERE id > ?1 AND id <= ?2";
         let lo = lo.map_or_else(Vec::new, |l| l.0.to_vec());
-        let guard = self.chunk_filter.insert_guard().await;
         let mut writer = self.chunk_writer.lock().await;
         let conn = writer
             .as_mut()
             .ok_or_else(|| CatalogError::Invalid("the catalog is closed".into()))?;
         let mut tx = sqlx::Connection::begin(conn).await?;
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(&format!("SELECT id {RANGE}"))
-            .bind(&lo)
-            .bind(&hi.0[..])
-            .fetch_all(&mut *tx)
-            .await?;
-        let ids = ids
-            .iter()
-            .map(|b| ChunkId::from_slice(b).map_err(|e| CatalogError::Invalid(e.to_string())))
-            .collect::<Result<Vec<_>>>()?;
-        guard.add_moved(&ids);
         sqlx::query(&format!(
             "INSERT OR IGNORE INTO chunks (id, pack_id, \"offset\", len, raw_len, base) \
              SELECT id, pack_id, \"offset\", len, raw_len, base {RANGE} ORDER BY id"
@@ -507,7 +500,6 @@ impl Catalog {
         tx.commit().await?;
         self.staged.note_mid_deleted(n);
         drop(writer);
-        drop(guard);
         self.checkpointer.poke();
         Ok(n)
     }
