@@ -468,6 +468,10 @@ fn resident(file: &Path) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+fn wal_size(wal: &Path) -> String {
+    std::fs::metadata(wal).map_or_else(|_| "none".into(), |m| format!("{:.0} MiB", mib(m.len())))
+}
+
 struct Table(Vec<(String, String)>);
 
 impl Table {
@@ -833,6 +837,7 @@ async fn main() -> Result<()> {
         // The merges leave GBs of dirty pages behind: written back before
         // the next measurement, not during it.
         Command::new("sync").status().context("running sync")?;
+        t.row("WAL file after the sustained run", wal_size(&db_files[1]));
     }
     if a.insert_only {
         c.close().await;
@@ -852,6 +857,9 @@ async fn main() -> Result<()> {
             })
             .collect()
     };
+    // Every page read searches the WAL index first, segment by segment
+    // (4,096 frames each): a long WAL slows every lookup.
+    t.row("WAL file before the lookups", wal_size(&db_files[1]));
     let n = a.lookups;
     let misses = sample(n, false);
     // Warm: the file is in the page cache after the filter build read it.

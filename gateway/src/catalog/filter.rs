@@ -320,8 +320,15 @@ impl ChunkFilter {
         };
         let (me, pool, staged) = (self.clone(), pool.clone(), staged.clone());
         handle.spawn(async move {
-            if let Err(e) = me.build(&pool, &staged, None).await {
-                tracing::warn!(error = %e, "building the chunk filter failed; dedup lookups use SQL only");
+            match me.build(&pool, &staged, None).await {
+                // The catalog was closed during the build (shutdown).
+                Err(_) if pool.is_closed() => {
+                    tracing::debug!("chunk filter build stopped: the catalog was closed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "building the chunk filter failed; dedup lookups use SQL only");
+                }
+                Ok(()) => {}
             }
         });
     }
