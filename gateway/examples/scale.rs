@@ -769,7 +769,7 @@ async fn main() -> Result<()> {
         format!(
             "{:.0} MiB ({:.0} bytes/chunk)",
             mib(db_size),
-            db_size as f64 / a.entries.max(1) as f64
+            db_size as f64 / have.max(a.entries).max(1) as f64
         ),
     );
     let rss_before = status("VmRSS:");
