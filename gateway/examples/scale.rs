@@ -857,8 +857,9 @@ async fn main() -> Result<()> {
             })
             .collect()
     };
-    // Every page read searches the WAL index first, segment by segment
-    // (4,096 frames each): a long WAL slows every lookup.
+    // While the WAL holds frames not yet checkpointed, every page read
+    // searches its index segment by segment (4,096 frames each), so a long
+    // WAL would slow every lookup; the file's size shows whether it grew.
     t.row("WAL file before the lookups", wal_size(&db_files[1]));
     let n = a.lookups;
     let misses = sample(n, false);
