@@ -587,6 +587,9 @@ impl ChunkStore {
                 max: MAX_CHUNK_SIZE,
             });
         }
+        if base.is_none() {
+            return self.put_plain(hash, data).await;
+        }
         let permit = self.cpu_permit().await?;
         let (actual, data) = blocking(move || (ChunkHash::of(&data), data)).await?;
         drop(permit);
@@ -677,6 +680,45 @@ impl ChunkStore {
             .await
     }
 
+    /// [`Self::put`] without a base hint, in one hop to a blocking thread:
+    /// the hash check and, when it holds, zstd and AES-GCM for the open
+    /// pack, while the chunk is still in that core's cache. The claim is
+    /// taken after the check, as in [`Self::put_with_base`], so a chunk
+    /// that does not match its hash never holds one; a chunk that turns out
+    /// to be a duplicate only costs the compression done for nothing (the
+    /// agent sends only what the gateway said it lacks, so that is rare).
+    async fn put_plain(&self, hash: ChunkHash, data: Bytes) -> Result<PutOutcome, StoreError> {
+        let level = self.cfg.zstd_level;
+        let raw_len = data.len() as u32;
+        let id = self.chunk_id(&hash);
+        if self.open_is_full() {
+            self.seal_pending(SealMode::IfFull).await?;
+        }
+        let (pack_id, key) = self.open_pack_id();
+        let permit = self.cpu_permit().await?;
+        let (actual, sealed) = blocking(move || {
+            let actual = ChunkHash::of(&data);
+            let sealed = (actual == hash).then(|| {
+                let buf = crypto::encode_chunk_for_seal(&data, level);
+                crypto::seal_chunk_in_place(&key, &pack_id, &id, buf)
+            });
+            (actual, sealed)
+        })
+        .await?;
+        drop(permit);
+        let Some(sealed) = sealed else {
+            return Err(StoreError::HashMismatch {
+                expected: hash,
+                actual,
+            });
+        };
+        let Some((_claim, _)) = self.claim_new(id, None).await? else {
+            return Ok(PutOutcome::Duplicate);
+        };
+        self.append_sealed_or_reseal(id, (pack_id, key), sealed, raw_len, None)
+            .await
+    }
+
     /// Compresses, encrypts and appends a new chunk `id` (its claim held by
     /// the caller), as a delta against `base` when given (id, plaintext).
     async fn store_new(
@@ -690,12 +732,12 @@ impl ChunkStore {
         if self.open_is_full() {
             self.seal_pending(SealMode::IfFull).await?;
         }
-        let (mut pack_id, mut key) = self.open_pack_id();
+        let (pack_id, key) = self.open_pack_id();
         let permit = self.cpu_permit().await?;
         // Encode and seal for the open pack in one hop to a blocking thread,
         // in one buffer: zstd writes behind room for the nonce, AES-GCM
         // encrypts where the payload lies.
-        let (delta_of, mut sealed) = blocking(move || {
+        let (delta_of, sealed) = blocking(move || {
             let buf = match base {
                 Some((bid, b)) => crypto::SealBuf::from_payload(&crypto::encode_delta_payload(
                     &data, &bid, &b, level,
@@ -710,6 +752,23 @@ impl ChunkStore {
         })
         .await?;
         drop(permit);
+        self.append_sealed_or_reseal(id, (pack_id, key), sealed, raw_len, delta_of)
+            .await
+    }
+
+    /// Appends chunk `id`'s record, sealed for the pack `sealed_for` (id,
+    /// key), to the open pack; when that pack was rotated meanwhile, the
+    /// record is sealed again for the new one first (opened and sealed in
+    /// place; zstd is not redone).
+    async fn append_sealed_or_reseal(
+        &self,
+        id: ChunkId,
+        sealed_for: (PackId, [u8; 32]),
+        mut sealed: Vec<u8>,
+        raw_len: u32,
+        delta_of: Option<ChunkId>,
+    ) -> Result<PutOutcome, StoreError> {
+        let (mut pack_id, mut key) = sealed_for;
         loop {
             if self.append_sealed(&pack_id, id, &sealed, raw_len, delta_of)? {
                 self.touches.touch([&id]);
@@ -719,9 +778,7 @@ impl ChunkStore {
                     stored_bytes: sealed.len() as u64,
                 });
             }
-            // The pack was sealed while we encrypted for it: seal the record
-            // again for the new one (opened and sealed in place; zstd is not
-            // redone).
+            // The pack was sealed while we encrypted for it.
             if self.open_is_full() {
                 self.seal_pending(SealMode::IfFull).await?;
             }
