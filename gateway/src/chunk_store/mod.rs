@@ -530,7 +530,8 @@ impl ChunkStore {
     }
 
     /// For each hash: true if the store lacks it (neither catalogued nor
-    /// pending). Pending sets are consulted before the catalog, and a sealed
+    /// pending), and only at its first position among `hashes`. Pending
+    /// sets are consulted before the catalog, and a sealed
     /// pack leaves the pending sets only after its catalog commit, so a chunk
     /// is never reported lacking while it is on its way to durability.
     pub async fn lacking(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, StoreError> {
@@ -551,6 +552,15 @@ impl ChunkStore {
         let found = self.catalog.contains_chunks(&ask).await?;
         for (i, present) in pos.into_iter().zip(found) {
             lacking[i] = !present;
+        }
+        // A chunk asked about twice is lacking once, at its first position:
+        // a disk holding the same content at several chunk offsets sends it
+        // once, and the gateway does not hash and compress the copies.
+        let mut first = HashSet::new();
+        for (l, id) in lacking.iter_mut().zip(&ids) {
+            if *l && !first.insert(*id) {
+                *l = false;
+            }
         }
         self.touches.touch(
             ids.iter()
