@@ -153,6 +153,14 @@ tb_full() {
 }
 
 PEERS=1; [ "${TIERBACK_BENCH_SKIP_PEERS:-0}" = 1 ] && PEERS=0
+# peer_backup TOOL STEP ARCHIVE: one timed backup of $SRC by restic (cache
+# $RESTIC_CACHE) or borg (archive ARCHIVE), with the settings of the table.
+peer_backup() {
+  case $1 in
+    restic) timed restic "$2" restic backup -q --cache-dir "$RESTIC_CACHE" --compression auto "$SRC" ;;
+    borg) timed borg "$2" borg create --compression zstd,3 "::$3" "$SRC" ;;
+  esac
+}
 export RESTIC_PASSWORD=bench-passphrase RESTIC_REPOSITORY="$WORK/restic-repo"
 export BORG_PASSPHRASE=bench-passphrase BORG_REPO="$WORK/borg-repo" BORG_BASE_DIR="$WORK/borg-home"
 export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
@@ -170,14 +178,15 @@ for _ in $(seq 2 "$ROUNDS"); do
     SRC="$WORK/peer-src"; rm -rf "$SRC"; mkdir -p "$SRC"; ln -f "$DAY1" "$SRC/vm.vhdx"
     (
       export RESTIC_REPOSITORY="$WORK/extra-restic-repo" BORG_REPO="$WORK/extra-borg-repo" BORG_BASE_DIR="$WORK/extra-borg-home"
-      rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$WORK/extra-restic-cache"
-      restic init --repository-version 2 --cache-dir "$WORK/extra-restic-cache" -q
-      evict "$DAY1"
-      timed restic full restic backup -q --cache-dir "$WORK/extra-restic-cache" --compression auto "$SRC"
+      RESTIC_CACHE="$WORK/extra-restic-cache"
+      rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$RESTIC_CACHE"
+      restic init --repository-version 2 --cache-dir "$RESTIC_CACHE" -q
       borg init -e repokey "$BORG_REPO" 2>/dev/null
-      evict "$DAY1"
-      timed borg full borg create --compression zstd,3 "::day1" "$SRC"
-      rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$WORK/extra-restic-cache"
+      for tool in restic borg; do
+        evict "$DAY1"
+        peer_backup "$tool" full day1
+      done
+      rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$RESTIC_CACHE"
     )
   fi
   tb_setup
@@ -188,34 +197,29 @@ done
 # --- peers ------------------------------------------------------------------
 if [ "$PEERS" = 1 ]; then
   SRC="$WORK/peer-src"; rm -rf "$SRC"; mkdir -p "$SRC"
-  rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$WORK/restic-cache"
-  restic init --repository-version 2 --cache-dir "$WORK/restic-cache" -q
+  RESTIC_CACHE="$WORK/restic-cache"
+  rm -rf "$RESTIC_REPOSITORY" "$BORG_REPO" "$BORG_BASE_DIR" "$RESTIC_CACHE"
+  restic init --repository-version 2 --cache-dir "$RESTIC_CACHE" -q
   borg init -e repokey "$BORG_REPO"
   for tool in restic borg; do
     ln -f "$DAY1" "$SRC/vm.vhdx"
     evict "$DAY1" "$WORK/$tool-repo"
-    case $tool in
-      restic) timed restic full restic backup -q --cache-dir "$WORK/restic-cache" --compression auto "$SRC" ;;
-      borg) timed borg full borg create --compression zstd,3 "::day1" "$SRC" ;;
-    esac
+    peer_backup "$tool" full day1
     ln -f "$DAY2" "$SRC/vm.vhdx"
     evict "$DAY2" "$WORK/$tool-repo"
-    case $tool in
-      restic) timed restic incremental restic backup -q --cache-dir "$WORK/restic-cache" --compression auto "$SRC" ;;
-      borg) timed borg incremental borg create --compression zstd,3 "::day2" "$SRC" ;;
-    esac
+    peer_backup "$tool" incremental day2
     record "$tool" stored 0 0 0 "{\"bytes\": $(du_b "$WORK/$tool-repo")}"
     OUT="$WORK/$tool-restore"; rm -rf "$OUT"; mkdir -p "$OUT"
     evict "$WORK/$tool-repo"
     case $tool in
-      restic) timed restic restore restic restore latest -q --cache-dir "$WORK/restic-cache" --target "$OUT" ;;
+      restic) timed restic restore restic restore latest -q --cache-dir "$RESTIC_CACHE" --target "$OUT" ;;
       borg) (cd "$OUT" && timed borg restore borg extract "::day2") ;;
     esac
     got="$(find "$OUT" -name vm.vhdx | head -1)"
     cmp -s "$got" "$DAY2" || { echo "error: $tool restored a different file" >&2; exit 1; }
     rm -rf "$OUT"
   done
-  rm -rf "$WORK/restic-repo" "$WORK/borg-repo" "$WORK/borg-home" "$WORK/restic-cache" "$SRC"
+  rm -rf "$WORK/restic-repo" "$WORK/borg-repo" "$WORK/borg-home" "$RESTIC_CACHE" "$SRC"
 fi
 
 # --- Tierback ---------------------------------------------------------------
