@@ -73,6 +73,13 @@ pub const GC_MARK_BITS_PER_ENTRY: u64 = 16;
 /// (16 bits per entry up to 134 M chunks, fewer beyond: more dead chunks
 /// survive a run, no live one is ever lost).
 pub const GC_MARK_MAX_BYTES: u64 = 256 << 20;
+/// Sparse packs per compaction batch (see the sweep in `gc_with`): the
+/// bound of compaction's memory, one chunk list per pack of a batch.
+pub(super) const COMPACT_BATCH_PACKS: usize = 256;
+/// A compaction batch also ends once it has re-written this many pack
+/// targets' worth of records (each batch ends with one flush, which seals
+/// a last, partly filled pack).
+pub(super) const COMPACT_BATCH_TARGETS: u64 = 16;
 /// Indexes read and decrypted at once while marking.
 const MARK_PARALLELISM: usize = 4;
 /// Chunk rows per page of the plan's pass over the chunk table.
@@ -452,55 +459,45 @@ impl ChunkStore {
             r.packs_removed += 1;
         }
 
-        // Sweep 2: compaction. First every live record goes into the open
-        // pack and is made durable, then each old pack is swapped out.
-        let mut moved: Vec<(PackRow, PackChunks, PackChunks)> = Vec::new();
-        for p in sparse {
-            let chunks = self.catalog.pack_chunks(&p.id).await?;
-            let keep = self.keep_flags(floor, &live, &chunks);
-            let wanted: PackChunks = chunks
-                .iter()
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|(c, _)| *c)
-                .collect();
-            match self.relocate(&p.id, &wanted).await {
-                Ok(moves) => {
-                    rewritten += moves.iter().map(|(_, l)| u64::from(l.len)).sum::<u64>();
-                    moved.push((p, chunks, moves));
-                }
-                Err(e) => {
-                    tracing::warn!(pack = %p.id, error = %e, "not compacting a pack whose live chunks do not read back; run verify");
-                    r.packs_skipped += 1;
+        // Sweep 2: compaction, in batches of at most COMPACT_BATCH_PACKS
+        // packs (and about COMPACT_BATCH_TARGETS packs' worth of records):
+        // first every live record of the batch goes into the open pack and
+        // is made durable, then each old pack of the batch is swapped out.
+        // Memory holds one batch's chunk lists, whatever the store's size.
+        let batch_bytes = COMPACT_BATCH_TARGETS.saturating_mul(self.cfg.pack_target_size);
+        let mut sparse = sparse.into_iter().peekable();
+        while sparse.peek().is_some() {
+            let mut moved: Vec<(PackRow, PackChunks, PackChunks)> = Vec::new();
+            let mut bytes = 0u64;
+            while moved.len() < COMPACT_BATCH_PACKS && bytes < batch_bytes {
+                let Some(p) = sparse.next() else { break };
+                let chunks = self.catalog.pack_chunks(&p.id).await?;
+                let keep = self.keep_flags(floor, &live, &chunks);
+                let wanted: PackChunks = chunks
+                    .iter()
+                    .zip(&keep)
+                    .filter(|(_, k)| **k)
+                    .map(|(c, _)| *c)
+                    .collect();
+                match self.relocate(&p.id, &wanted).await {
+                    Ok(moves) => {
+                        let n = moves.iter().map(|(_, l)| u64::from(l.len)).sum::<u64>();
+                        bytes += n;
+                        rewritten += n;
+                        moved.push((p, chunks, moves));
+                    }
+                    Err(e) => {
+                        tracing::warn!(pack = %p.id, error = %e, "not compacting a pack whose live chunks do not read back; run verify");
+                        r.packs_skipped += 1;
+                    }
                 }
             }
-        }
-        if !moved.is_empty() {
-            self.flush().await?;
-            self.stop_if(GcStep::NewPacksSealed)?;
-        }
-        for (p, chunks, moves) in moved {
-            let moving: HashSet<ChunkId> = moves.iter().map(|(id, _)| *id).collect();
-            let rest: PackChunks = chunks
-                .into_iter()
-                .filter(|(id, _)| !moving.contains(id))
-                .collect();
-            let guard = self.sweep.write().await;
-            if self.keep_flags(floor, &live, &rest).iter().any(|k| *k) {
-                // A chunk we took for dead was referenced meanwhile: keep the
-                // pack; the copies just written are unreferenced records.
-                r.packs_skipped += 1;
+            if moved.is_empty() {
                 continue;
             }
-            r.chunks_removed += self
-                .catalog
-                .move_chunks_and_drop_pack(&p.id, &moves)
-                .await?;
-            drop(guard);
-            self.stop_if(GcStep::ChunksMoved)?;
-            reclaimed += self.remove_pack_file(p.id).await?;
-            r.packs_compacted += 1;
-            r.chunks_moved += moves.len() as u64;
+            self.flush().await?;
+            self.stop_if(GcStep::NewPacksSealed)?;
+            reclaimed += self.swap_compacted(floor, &live, moved, &mut r).await?;
         }
 
         // Sweep 3: pack files the catalog does not know (a crash between a
@@ -625,6 +622,43 @@ impl ChunkStore {
     }
 
     /// For each chunk: live (marked) or touched by a backup since `floor`.
+    /// The second half of a compaction batch: each old pack whose moved
+    /// records are durable in new packs gets its chunk rows pointed at the
+    /// copies and is dropped, unless a chunk left behind was referenced
+    /// meanwhile (then the pack stays; the copies are unreferenced
+    /// records). Returns the bytes of pack files deleted.
+    async fn swap_compacted(
+        &self,
+        floor: u64,
+        live: &BlockedBloom,
+        moved: Vec<(PackRow, PackChunks, PackChunks)>,
+        r: &mut GcReport,
+    ) -> Result<u64, StoreError> {
+        let mut reclaimed = 0;
+        for (p, chunks, moves) in moved {
+            let moving: HashSet<ChunkId> = moves.iter().map(|(id, _)| *id).collect();
+            let rest: PackChunks = chunks
+                .into_iter()
+                .filter(|(id, _)| !moving.contains(id))
+                .collect();
+            let guard = self.sweep.write().await;
+            if self.keep_flags(floor, live, &rest).iter().any(|k| *k) {
+                r.packs_skipped += 1;
+                continue;
+            }
+            r.chunks_removed += self
+                .catalog
+                .move_chunks_and_drop_pack(&p.id, &moves)
+                .await?;
+            drop(guard);
+            self.stop_if(GcStep::ChunksMoved)?;
+            reclaimed += self.remove_pack_file(p.id).await?;
+            r.packs_compacted += 1;
+            r.chunks_moved += moves.len() as u64;
+        }
+        Ok(reclaimed)
+    }
+
     fn keep_flags(&self, floor: u64, live: &BlockedBloom, chunks: &PackChunks) -> Vec<bool> {
         self.touches
             .touched_since(floor, chunks.iter().map(|(id, _)| id))

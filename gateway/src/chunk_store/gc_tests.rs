@@ -461,3 +461,48 @@ async fn a_delta_keeps_its_base_alive_until_the_delta_is_gone() {
     assert_gone(&f.store, &[base]).await;
     assert_files_match_catalog(f.dir.path(), &f.catalog).await;
 }
+
+#[tokio::test]
+async fn compaction_runs_in_bounded_batches_and_each_batch_lands() {
+    use super::gc::{COMPACT_BATCH_PACKS, COMPACT_BATCH_TARGETS};
+    // Packs of three 40 kB chunks (sealed once past 100 kB), one chunk of
+    // each live: every pack is sparse. A batch ends once it re-wrote
+    // COMPACT_BATCH_TARGETS packs' worth (40 live chunks here), so 60
+    // packs take two batches, each ending with a flush that seals a last,
+    // partly filled pack: 13 + 1 and 6 + 1 new packs of 3, 1, 3 and 2
+    // chunks (one batch would have made 20 full ones).
+    let target = 100_000;
+    const { assert!(COMPACT_BATCH_TARGETS == 16, "the counts below assume it") };
+    const { assert!(COMPACT_BATCH_PACKS > 60) };
+    let cfg = StoreConfig {
+        pack_target_size: target,
+        ..StoreConfig::default()
+    };
+    let f = fixture(cfg).await;
+    let mut live = Vec::new();
+    let mut dead = Vec::new();
+    let mut live_ids = Vec::new();
+    for p in 0..60u64 {
+        let c: Vec<Bytes> = (0..3).map(|i| noise(1000 + p * 3 + i, 40_000)).collect();
+        let ids = stored(&f.store, &c).await;
+        live_ids.push(ids[0]);
+        live.push(c[0].clone());
+        dead.extend_from_slice(&c[1..]);
+    }
+    assert_eq!(pack_files(f.dir.path()).len(), 60);
+    commit(&f, PointId([7; 16]), "vm", &[live_ids]).await;
+
+    let r = f.store.gc(GcOptions::default()).await.expect("gc");
+    assert_eq!(
+        (r.packs_compacted, r.chunks_moved, r.chunks_removed),
+        (60, 60, 120),
+        "{r:?}"
+    );
+    assert_eq!(r.packs_after, 21, "two batches: {r:?}");
+    assert_readable(&f.store, &live).await;
+    assert_gone(&f.store, &dead).await;
+    assert_verify_clean(&f.store).await;
+    assert_files_match_catalog(f.dir.path(), &f.catalog).await;
+    let again = f.store.gc(GcOptions::default()).await.expect("gc again");
+    assert!(nothing_done(&again), "{again:?}");
+}
