@@ -621,7 +621,6 @@ impl ChunkStore {
         }
     }
 
-    /// For each chunk: live (marked) or touched by a backup since `floor`.
     /// The second half of a compaction batch: each old pack whose moved
     /// records are durable in new packs gets its chunk rows pointed at the
     /// copies and is dropped, unless a chunk left behind was referenced
@@ -659,6 +658,7 @@ impl ChunkStore {
         Ok(reclaimed)
     }
 
+    /// For each chunk: live (marked) or touched by a backup since `floor`.
     fn keep_flags(&self, floor: u64, live: &BlockedBloom, chunks: &PackChunks) -> Vec<bool> {
         self.touches
             .touched_since(floor, chunks.iter().map(|(id, _)| id))

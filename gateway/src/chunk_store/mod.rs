@@ -536,9 +536,16 @@ impl ChunkStore {
     /// is never reported lacking while it is on its way to durability.
     pub async fn lacking(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, StoreError> {
         let ids: Vec<ChunkId> = hashes.iter().map(|h| self.chunk_id(h)).collect();
+        // A chunk asked about twice is lacking once, at its first position
+        // (the catalog is asked once): a disk holding the same content at
+        // several chunk offsets sends it once, and the gateway does not hash
+        // and compress the copies.
+        let mut seen = HashSet::with_capacity(ids.len());
         let mut lacking: Vec<bool> = {
             let st = self.state();
-            ids.iter().map(|id| !st.is_pending(id)).collect()
+            ids.iter()
+                .map(|id| seen.insert(*id) && !st.is_pending(id))
+                .collect()
         };
         let (pos, ask): (Vec<usize>, Vec<ChunkId>) = ids
             .iter()
@@ -552,15 +559,6 @@ impl ChunkStore {
         let found = self.catalog.contains_chunks(&ask).await?;
         for (i, present) in pos.into_iter().zip(found) {
             lacking[i] = !present;
-        }
-        // A chunk asked about twice is lacking once, at its first position:
-        // a disk holding the same content at several chunk offsets sends it
-        // once, and the gateway does not hash and compress the copies.
-        let mut first = HashSet::new();
-        for (l, id) in lacking.iter_mut().zip(&ids) {
-            if *l && !first.insert(*id) {
-                *l = false;
-            }
         }
         self.touches.touch(
             ids.iter()
