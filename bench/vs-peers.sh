@@ -15,7 +15,8 @@
 #   full backup of day 1; incremental of day 2 (Tierback: with rct.json change
 #   tracking, and again from the day-1 state by full read + compare; peers:
 #   their normal re-read); restore of day 2; stored bytes after both days.
-# Tierback: agent → gateway over loopback TLS, AES-256-GCM, release build.
+# Tierback: agent → gateway over loopback TLS (AES-128-GCM), chunks sealed
+# with AES-256-GCM, release build.
 # restic (repository v2, compression auto) and borg (repokey, zstd,3) from
 # Debian. Peak RSS and CPU seconds: GNU time for every client process, and
 # VmHWM plus /proc/<pid>/stat CPU for the gateway.
@@ -26,6 +27,11 @@
 # TIERBACK_BENCH_DIR keeps the disks between runs (they take a few minutes to
 # build); TIERBACK_BENCH_SKIP_PEERS=1 measures Tierback only;
 # TIERBACK_BENCH_ZSTD_LEVEL=N sets the gateway's zstd level (default: its own).
+#
+# The host is calibrated before and after the run: SHA-256 of 512 MiB on one
+# core, then on both cores at once. Tierback's full backup keeps both cores
+# busy and borg's runs on one, so the full-backup ratio moves with how much
+# the second core adds on this host at the time (the table prints it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -46,6 +52,33 @@ fi
 DAY1="$WORK/day1.vhdx"
 DAY2="$WORK/day2.vhdx"
 SIZE1=$(stat -c %s "$DAY1")
+
+# host_speed STEP: SHA-256 (OpenSSL, GIL released) of 512 MiB on one core,
+# then on two threads at once; one row of results.
+host_speed() {
+  python3 - "$RES" "$1" <<'PY'
+import hashlib, json, sys, threading, time
+res, step = sys.argv[1:]
+buf = bytes(range(256)) * (1 << 21)
+def work():
+    hashlib.sha256(buf).digest()
+best_one = best_two = None
+for _ in range(2):
+    t = time.perf_counter(); work(); one = time.perf_counter() - t
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    t = time.perf_counter()
+    for x in ts:
+        x.start()
+    for x in ts:
+        x.join()
+    two = time.perf_counter() - t
+    best_one = min(one, best_one or one)
+    best_two = min(two, best_two or two)
+with open(res, "a") as f:
+    f.write(json.dumps({"tool": "host", "step": step, "one_core_mbs": len(buf) / 1e6 / best_one,
+                        "two_cores_x": 2 * best_one / best_two}) + "\n")
+PY
+}
 
 evict() {
   sync
@@ -173,6 +206,7 @@ export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS
 # median and every round. This loop runs all but the last round; the last is
 # the full backup of the main sequence below.
 ROUNDS="${TIERBACK_BENCH_FULL_ROUNDS:-3}"
+host_speed start
 for _ in $(seq 2 "$ROUNDS"); do
   if [ "$PEERS" = 1 ]; then
     SRC="$WORK/peer-src"; rm -rf "$SRC"; mkdir -p "$SRC"; ln -f "$DAY1" "$SRC/vm.vhdx"
@@ -263,6 +297,7 @@ start_gw
 evict "$DAY2" "$WORK/gw"
 tb_backup incremental-compare
 stop_gw
+host_speed end
 
 python3 - "$RES" "$SIZE1" "$(stat -c %s "$DAY2")" <<'PY'
 import json, statistics, sys
@@ -280,9 +315,14 @@ def get(tool, step):
     r["rounds"] = [x["seconds"] for x in rs]
     r["rss_kib"] = max(x["rss_kib"] for x in rs)
     return r
-peers = sorted({r["tool"] for r in rows} - {"tierback"})
+peers = sorted({r["tool"] for r in rows} - {"tierback", "host"})
 mb = 1e6
 print(f"disk: day 1 VHDX {size1/mb:.0f} MB, day 2 VHDX {size2/mb:.0f} MB (MB/s = VHDX bytes / wall seconds)")
+host = [r for r in rows if r["tool"] == "host"]
+if host:
+    print("host: SHA-256 on one core " + " / ".join(f"{r['one_core_mbs']:.0f}" for r in host)
+          + " MB/s, both cores at once " + " / ".join(f"{r['two_cores_x']:.2f}" for r in host)
+          + "x one core (" + " / ".join(r["step"] for r in host) + " of the run)")
 print(f"{'tool':<10}{'step':<22}{'MB/s':>8}{'seconds':>9}{'CPU s':>8}{'peak RSS':>11}  notes")
 def line(r, size):
     rate = size / mb / r["seconds"] if r["seconds"] else 0
