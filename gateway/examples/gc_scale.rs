@@ -342,7 +342,7 @@ async fn main() -> Result<()> {
     print_report("dry run", &dry);
     let r = store.gc(GcOptions::default()).await?;
     print_report("gc", &r);
-    // Before the checks, which hold every kept index in memory.
+    // Before the checks, which hold the whole live set in memory.
     println!(
         "  peak RSS (VmHWM) after fill and GC: {:.0} MiB",
         vm_hwm_mib()
