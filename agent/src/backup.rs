@@ -34,7 +34,7 @@ use crate::changes::{
     self, guid_text, ChangeSource, DiskPlan, DiskRecord, Method, PlanInput, Prev, TrackingStore,
     VmRecord, ZERO_HASH,
 };
-use crate::client::{chunk_record_parts, is_conflict, GatewayClient};
+use crate::client::{chunk_record_parts, is_conflict, ChunkStream, ClientError, GatewayClient};
 use crate::disk::{self, VirtualDisk};
 use crate::host::HostVm;
 
@@ -742,7 +742,13 @@ struct Uploader {
     sid: String,
     body_limit: usize,
     set: tokio::task::JoinSet<anyhow::Result<Uploaded>>,
+    streams: StreamPool,
 }
+
+/// The session's chunk streams not carrying a batch right now, for the
+/// next ones; `None` once the gateway has turned one down (it has none:
+/// batches go as requests from then on).
+type StreamPool = Arc<std::sync::Mutex<Option<Vec<ChunkStream>>>>;
 
 /// What one upload task did.
 struct Uploaded {
@@ -765,6 +771,7 @@ impl Uploader {
             sid: sid.to_string(),
             body_limit: opts.upload_batch_bytes.clamp(1, MAX_UPLOAD_BODY),
             set: tokio::task::JoinSet::new(),
+            streams: Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
         }
     }
 
@@ -777,9 +784,9 @@ impl Uploader {
         while self.set.len() >= UPLOADS_IN_FLIGHT {
             self.join_one(rep).await?;
         }
-        let (client, sid) = (self.client.clone(), self.sid.clone());
+        let (client, sid, pool) = (self.client.clone(), self.sid.clone(), self.streams.clone());
         self.set
-            .spawn(async move { upload(&client, &sid, body, patched).await });
+            .spawn(async move { upload(&client, &sid, &pool, body, patched).await });
         Ok(())
     }
 
@@ -814,10 +821,11 @@ impl Uploader {
 async fn upload(
     client: &GatewayClient,
     sid: &str,
+    pool: &StreamPool,
     body: Vec<bytes::Bytes>,
     patched: Vec<Patched>,
 ) -> anyhow::Result<Uploaded> {
-    let mut resp = client.chunks(sid, body).await?;
+    let mut resp = send_batch(client, sid, pool, body).await?;
     let refused: std::collections::HashSet<ChunkHash> = resp.refused.drain(..).collect();
     let mut out = Uploaded {
         resp,
@@ -853,6 +861,60 @@ async fn upload(
     out.resp.duplicate += whole.duplicate;
     out.resp.stored_bytes += whole.stored_bytes;
     Ok(out)
+}
+
+/// Sends one batch of chunk records over a chunk stream of `pool` (opened
+/// when none is free), or as a request when the gateway has no chunk
+/// streams or the stream breaks: the request path retries, and records are
+/// content-addressed, so a batch that arrives twice is stored once.
+async fn send_batch(
+    client: &GatewayClient,
+    sid: &str,
+    pool: &StreamPool,
+    body: Vec<bytes::Bytes>,
+) -> anyhow::Result<ChunksResponse> {
+    let lock = |p: &StreamPool| {
+        p.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+            .map(|free| free.pop())
+    };
+    let stream = match lock(pool) {
+        None => None,
+        Some(Some(s)) => Some(s),
+        Some(None) => match client.open_chunk_stream(sid).await {
+            Ok(s) => Some(s),
+            Err(ClientError::Status { status, message }) => {
+                tracing::info!(status, %message, "the gateway takes no chunk streams; uploading by request");
+                *pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                None
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "opening a chunk stream failed; uploading by request");
+                None
+            }
+        },
+    };
+    if let Some(mut s) = stream {
+        match s.send(&body).await {
+            Ok(r) => {
+                if let Some(free) = pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_mut()
+                {
+                    free.push(s);
+                }
+                return Ok(r);
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "the chunk stream broke; sending its batch as a request")
+            }
+        }
+    }
+    client.chunks(sid, body).await
 }
 
 /// What the uploader knows of a stream's previous point.

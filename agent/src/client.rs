@@ -10,6 +10,9 @@ use serde::Serialize;
 use tierback_format::ids::ChunkHash;
 use tierback_format::wire::*;
 
+/// Longest a request, or a batch of a chunk stream, may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Attempts per request for transient failures (connection errors, 5xx but 507).
 const ATTEMPTS: u32 = 4;
 
@@ -34,6 +37,80 @@ pub fn chunk_record_parts(
     let head = tierback_format::wire::chunk_record_head(hash, base, data.len());
     parts.push(head.into());
     parts.push(data);
+}
+
+/// The error a gateway's non-success answer stands for.
+fn refusal(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ApiErrorBody>(body)
+        .map(|b| b.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return ClientError::Unauthorized(message);
+    }
+    ClientError::Status {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+/// Longest answer to a batch of a chunk stream.
+const MAX_STREAM_ANSWER: usize = 16 << 20;
+
+/// An upgraded connection carrying chunk records to one backup session
+/// ([`GatewayClient::open_chunk_stream`]).
+pub struct ChunkStream {
+    io: reqwest::Upgraded,
+}
+
+impl ChunkStream {
+    /// Sends one batch of chunk records (parts as [`chunk_record_parts`]
+    /// lays them out) and waits for the gateway's answer, as long as a
+    /// request may take. After an error the stream is unusable (the gateway
+    /// closes it too).
+    pub async fn send(&mut self, parts: &[bytes::Bytes]) -> anyhow::Result<ChunksResponse> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(parts))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no answer on the chunk stream within {REQUEST_TIMEOUT:?}")
+            })?
+    }
+
+    async fn exchange(&mut self, parts: &[bytes::Bytes]) -> anyhow::Result<ChunksResponse> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        anyhow::ensure!(len > 0, "an empty batch would end the chunk stream");
+        // Gathered writes: TLS records filled across a record's head and
+        // data instead of one small record per head.
+        let len = len.to_le_bytes();
+        let mut slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&len[..])
+            .chain(parts.iter().map(|p| &p[..]))
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            let n = self.io.write_vectored(left).await?;
+            anyhow::ensure!(n > 0, "the gateway closed the chunk stream");
+            std::io::IoSlice::advance_slices(&mut left, n);
+        }
+        self.io.flush().await?;
+        let mut head = [0u8; 5];
+        self.io.read_exact(&mut head).await?;
+        let [status, l @ ..] = head;
+        let n = u32::from_le_bytes(l) as usize;
+        anyhow::ensure!(
+            n <= MAX_STREAM_ANSWER,
+            "the gateway's answer on the chunk stream claims {n} bytes"
+        );
+        let mut body = vec![0u8; n];
+        self.io.read_exact(&mut body).await?;
+        if status == 0 {
+            return serde_json::from_slice(&body)
+                .context("the gateway's answer on the chunk stream");
+        }
+        let e: ApiErrorBody =
+            serde_json::from_slice(&body).context("the gateway's error on the chunk stream")?;
+        anyhow::bail!("gateway refused the batch: {}", e.message)
+    }
 }
 
 /// A connection to the gateway (cheap to clone: clones share the pool).
@@ -81,7 +158,7 @@ impl GatewayClient {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
+            .timeout(REQUEST_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .context("building the HTTPS client")?;
@@ -128,16 +205,33 @@ impl GatewayClient {
         if status.is_success() {
             return Ok(bytes);
         }
-        let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
-            .map(|b| b.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        if status == reqwest::StatusCode::UNAUTHORIZED {
-            return Err(ClientError::Unauthorized(message));
+        Err(refusal(status, &bytes))
+    }
+
+    /// Opens a chunk stream for backup session `session`: an upgraded
+    /// connection that carries batches of chunk records without HTTP
+    /// framing (docs/protocol.md, "Chunk streams"). A gateway without
+    /// them answers with an error status ([`ClientError::Status`]).
+    pub async fn open_chunk_stream(&self, session: &str) -> Result<ChunkStream, ClientError> {
+        let mut req = self
+            .http
+            .post(format!(
+                "{}/v1/agent/backups/{session}/chunk-stream",
+                self.base
+            ))
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, CHUNK_STREAM_PROTOCOL);
+        if let Some(c) = &self.credential {
+            req = req.bearer_auth(c);
         }
-        Err(ClientError::Status {
-            status: status.as_u16(),
-            message,
-        })
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+            return Err(refusal(status, &bytes));
+        }
+        let io = resp.upgrade().await.map_err(|e| self.transport(e))?;
+        Ok(ChunkStream { io })
     }
 
     fn transport(&self, e: reqwest::Error) -> ClientError {

@@ -17,6 +17,10 @@ pub const MAX_LACK_BATCH: usize = 4096;
 /// Largest body of one chunk upload request.
 pub const MAX_CHUNK_BATCH_BYTES: usize = 64 << 20;
 
+/// The `Upgrade` protocol of a chunk stream (`POST
+/// /v1/agent/backups/{session}/chunk-stream`; docs/protocol.md).
+pub const CHUNK_STREAM_PROTOCOL: &str = "tierback-chunks/1";
+
 /// Largest chunk size a protection group may use.
 pub const MAX_CHUNK_SIZE: u32 = 8 << 20;
 /// Smallest chunk size a protection group may use.
@@ -666,6 +670,52 @@ pub fn put_chunk_record_with_base(
 const RECORD_HEAD: usize = 36;
 const RECORD_HEAD_WITH_BASE: usize = RECORD_HEAD + 32;
 
+/// Bytes before a record's data without a base hint (`hash | length word`);
+/// a record whose length word has [`CHUNK_RECORD_BASE_FLAG`] carries
+/// [`RECORD_BASE_LEN`] more (the base hash).
+pub const RECORD_HEAD_LEN: usize = RECORD_HEAD;
+/// Bytes of a record's base hint, after [`RECORD_HEAD_LEN`].
+pub const RECORD_BASE_LEN: usize = RECORD_HEAD_WITH_BASE - RECORD_HEAD;
+
+/// What the first [`RECORD_HEAD_LEN`] bytes of a chunk record say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordWord {
+    /// BLAKE3 of the chunk.
+    pub hash: ChunkHash,
+    /// Bytes of data after the head.
+    pub len: usize,
+    /// A base hint ([`RECORD_BASE_LEN`] bytes) follows the length word.
+    pub has_base: bool,
+    /// The data is a patch of the base ([`CHUNK_RECORD_PATCH_FLAG`]).
+    pub patch: bool,
+}
+
+/// Parses a record's hash and length word, with the checks every reader
+/// of records makes: the length within [`MAX_CHUNK_SIZE`], a patch only
+/// with a base.
+pub fn parse_record_word(head: &[u8; RECORD_HEAD_LEN]) -> Result<RecordWord, FrameError> {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&head[..32]);
+    let mut l = [0u8; 4];
+    l.copy_from_slice(&head[32..RECORD_HEAD]);
+    let word = u32::from_le_bytes(l);
+    let len = word & RECORD_LEN_MASK;
+    if len > MAX_CHUNK_SIZE {
+        return Err(FrameError::TooLarge(u64::from(len)));
+    }
+    let has_base = word & CHUNK_RECORD_BASE_FLAG != 0;
+    let patch = word & CHUNK_RECORD_PATCH_FLAG != 0;
+    if patch && !has_base {
+        return Err(FrameError::BadPatch("a patch record without its base"));
+    }
+    Ok(RecordWord {
+        hash: ChunkHash(h),
+        len: len as usize,
+        has_base,
+        patch,
+    })
+}
+
 /// Splits a chunk upload body into its records as the body arrives, piece
 /// by piece (each piece as the transport delivers it), so the gateway can
 /// store the first chunk while the rest is still on the wire.
@@ -739,20 +789,22 @@ impl ChunkRecordSplitter {
             if self.head_len < RECORD_HEAD {
                 continue;
             }
-            let word = self.length_word();
-            let len = word & RECORD_LEN_MASK;
-            if len > MAX_CHUNK_SIZE {
-                return Err(FrameError::TooLarge(u64::from(len)));
-            }
-            let patch = word & CHUNK_RECORD_PATCH_FLAG != 0;
-            if patch && !self.has_base() {
-                return Err(FrameError::BadPatch("a patch record without its base"));
-            }
-            if self.head_len < want || (want == RECORD_HEAD && self.has_base()) {
+            let mut first = [0u8; RECORD_HEAD];
+            first.copy_from_slice(&self.head[..RECORD_HEAD]);
+            let RecordWord {
+                hash,
+                len,
+                has_base,
+                patch,
+            } = parse_record_word(&first)?;
+            if self.head_len < want || (want == RECORD_HEAD && has_base) {
                 continue;
             }
-            let (hash, base) = self.decode_head();
-            let len = len as usize;
+            let base = has_base.then(|| {
+                let mut b = [0u8; RECORD_BASE_LEN];
+                b.copy_from_slice(&self.head[RECORD_HEAD..RECORD_HEAD_WITH_BASE]);
+                ChunkHash(b)
+            });
             self.head_len = 0;
             if piece.len() >= len {
                 // Whole in this piece: no copy.
@@ -791,17 +843,6 @@ impl ChunkRecordSplitter {
         let mut l = [0u8; 4];
         l.copy_from_slice(&self.head[32..RECORD_HEAD]);
         u32::from_le_bytes(l)
-    }
-
-    fn decode_head(&self) -> (ChunkHash, Option<ChunkHash>) {
-        let mut h = [0u8; 32];
-        h.copy_from_slice(&self.head[..32]);
-        let base = self.has_base().then(|| {
-            let mut b = [0u8; 32];
-            b.copy_from_slice(&self.head[RECORD_HEAD..RECORD_HEAD_WITH_BASE]);
-            ChunkHash(b)
-        });
-        (ChunkHash(h), base)
     }
 }
 

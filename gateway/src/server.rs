@@ -74,6 +74,7 @@ pub async fn open_state(dd: &DataDir) -> anyhow::Result<Arc<AppState>> {
         cfg,
         sessions: Sessions::default(),
         indexes: Default::default(),
+        chunk_streams: Default::default(),
     }))
 }
 
@@ -145,7 +146,8 @@ pub async fn run(
             let svc = hyper_util::service::TowerToHyperService::new(app);
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(tls), svc);
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended"); } }
@@ -157,7 +159,13 @@ pub async fn run(
         });
     }
     conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(15), conns.wait()).await;
+    state.chunk_streams.stop.cancel();
+    state.chunk_streams.tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        conns.wait().await;
+        state.chunk_streams.tasks.wait().await;
+    })
+    .await;
     reaper.abort();
     state
         .store

@@ -4,100 +4,10 @@
 
 mod common;
 
+use common::{start_gw as start, Gw};
+
 use tierback_format::ids::ChunkHash;
 use tierback_format::wire::*;
-
-struct Gw {
-    _g: common::TestGateway,
-    url: String,
-    admin: String,
-    c: reqwest::Client,
-    _shutdown: tokio_util::sync::DropGuard,
-}
-
-async fn start() -> Gw {
-    let g = common::start().await;
-    Gw {
-        c: common::http(&g.fingerprint),
-        url: g.url.clone(),
-        admin: g.admin.clone(),
-        _shutdown: g.shutdown.clone().drop_guard(),
-        _g: g,
-    }
-}
-
-impl Gw {
-    fn u(&self, p: &str) -> String {
-        format!("{}{p}", self.url)
-    }
-
-    async fn agent(&self) -> String {
-        let tok: EnrollTokenResponse = self
-            .c
-            .post(self.u("/v1/admin/enroll-tokens"))
-            .bearer_auth(&self.admin)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        let r: EnrollResponse = self
-            .c
-            .post(self.u("/v1/enroll"))
-            .json(&EnrollRequest {
-                token: tok.token,
-                host_name: "hv".into(),
-            })
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        r.credential
-    }
-
-    async fn post(&self, cred: &str, p: &str, body: reqwest::Body) -> (u16, serde_json::Value) {
-        self.post_typed(cred, p, body, "application/octet-stream")
-            .await
-    }
-
-    async fn post_typed(
-        &self,
-        cred: &str,
-        p: &str,
-        body: reqwest::Body,
-        ct: &str,
-    ) -> (u16, serde_json::Value) {
-        let r = self
-            .c
-            .post(self.u(p))
-            .bearer_auth(cred)
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .expect("send");
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(serde_json::Value::Null))
-    }
-
-    async fn json(
-        &self,
-        cred: &str,
-        p: &str,
-        v: &impl serde::Serialize,
-    ) -> (u16, serde_json::Value) {
-        self.post_typed(
-            cred,
-            p,
-            serde_json::to_vec(v).expect("json").into(),
-            "application/json",
-        )
-        .await
-    }
-}
 
 fn vm(id: &str) -> VmInfo {
     VmInfo {

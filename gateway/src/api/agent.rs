@@ -322,8 +322,7 @@ pub(crate) async fn store_chunk_records(
     let mut split = ChunkRecordSplitter::new(MAX_UPLOAD_BODY);
     let mut body = body.into_data_stream();
     let mut records = Vec::new();
-    let mut resp = ChunksResponse::default();
-    let mut set = tokio::task::JoinSet::new();
+    let mut sink = RecordSink::default();
     while let Some(piece) = body.next().await {
         let piece =
             piece.map_err(|e| ApiError::BadRequest(format!("reading the upload body: {e}")))?;
@@ -331,28 +330,246 @@ pub(crate) async fn store_chunk_records(
             .push(piece, &mut records)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         for r in records.drain(..) {
-            let store = st.store.clone();
-            set.spawn(async move {
-                let out = match (r.patch, r.base) {
-                    (true, Some(base)) => store.put_patch(r.hash, base, r.data).await,
-                    _ => store.put_with_base(r.hash, r.data, r.base).await,
-                };
-                (r.hash, out)
-            });
-            while set.len() >= MAX_PUTS_PER_REQUEST {
-                if let Some(r) = set.join_next().await {
-                    tally(&mut resp, r)?;
-                }
-            }
+            sink.put(st, r).await?;
         }
     }
     split
         .finish()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    while let Some(r) = set.join_next().await {
-        tally(&mut resp, r)?;
+    sink.finish().await
+}
+
+/// The chunk records of one upload (a request body or a batch of a chunk
+/// stream) being stored, at most [`MAX_PUTS_PER_REQUEST`] at once, and
+/// what became of those done.
+#[derive(Default)]
+struct RecordSink {
+    set: tokio::task::JoinSet<PutResult>,
+    resp: ChunksResponse,
+}
+
+impl RecordSink {
+    /// Starts storing `r`, after waiting for a put to end if too many run.
+    async fn put(&mut self, st: &SharedState, r: ChunkRecord) -> Result<(), ApiError> {
+        let store = st.store.clone();
+        self.set.spawn(async move {
+            let out = match (r.patch, r.base) {
+                (true, Some(base)) => store.put_patch(r.hash, base, r.data).await,
+                _ => store.put_with_base(r.hash, r.data, r.base).await,
+            };
+            (r.hash, out)
+        });
+        while self.set.len() >= MAX_PUTS_PER_REQUEST {
+            if let Some(r) = self.set.join_next().await {
+                tally(&mut self.resp, r)?;
+            }
+        }
+        Ok(())
     }
-    Ok(resp)
+
+    /// Waits for every put; the first failure is the answer.
+    async fn finish(mut self) -> Result<ChunksResponse, ApiError> {
+        while let Some(r) = self.set.join_next().await {
+            tally(&mut self.resp, r)?;
+        }
+        Ok(self.resp)
+    }
+}
+
+/// `POST /v1/agent/backups/{session}/chunk-stream` with `Upgrade:
+/// tierback-chunks/1` ([`CHUNK_STREAM_PROTOCOL`]): the chunk records of
+/// `chunks`, sent over the connection itself once it is upgraded, batch
+/// after batch (docs/protocol.md, "Chunk streams"). Each record is read
+/// straight into its own buffer, without HTTP body framing or the
+/// gathering copy a request body needs.
+pub async fn chunk_stream(
+    State(st): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    Path(sid): Path<String>,
+    mut req: axum::extract::Request,
+) -> Result<axum::response::Response, ApiError> {
+    session(&st, &sid, &agent.id).await?;
+    let asked = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if asked != Some(CHUNK_STREAM_PROTOCOL) {
+        return Err(ApiError::BadRequest(format!(
+            "this route upgrades the connection: send `Connection: upgrade` and `Upgrade: {CHUNK_STREAM_PROTOCOL}`"
+        )));
+    }
+    let on = hyper::upgrade::on(&mut req);
+    let agent_id = agent.id;
+    let tasks = st.chunk_streams.tasks.clone();
+    tasks.spawn(async move {
+        match on.await {
+            Ok(up) => {
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                if let Err(e) = serve_chunk_stream(&st, &sid, &agent_id, &mut io).await {
+                    tracing::debug!(session = %sid, error = %e, "chunk stream ended");
+                }
+            }
+            Err(e) => tracing::debug!(session = %sid, error = %e, "chunk stream upgrade failed"),
+        }
+    });
+    axum::response::Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, CHUNK_STREAM_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(format!("upgrade response: {e}")))
+}
+
+/// Serves one upgraded chunk stream: reads `len u64 LE | records` batches
+/// until a batch of length 0 or the end of the connection, and answers each
+/// with `status u8 | len u32 LE | JSON` (status 0: [`ChunksResponse`],
+/// otherwise [`ApiErrorBody`]). A failed batch ends the stream (its unread
+/// rest would be taken for the next batch); the agent sends it again on a
+/// new one.
+async fn serve_chunk_stream<S>(
+    st: &SharedState,
+    sid: &str,
+    agent_id: &str,
+    io: &mut S,
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idle = std::time::Duration::from_secs(st.cfg.session_idle_timeout_secs);
+    let stop = st.chunk_streams.stop.clone();
+    loop {
+        let mut len = [0u8; 8];
+        // Between batches a shutdown ends the stream (the agent sends the
+        // next batch as a request, which a stopping gateway refuses).
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = tokio::time::timeout(idle, io.read_exact(&mut len)) => r,
+        };
+        match next {
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let len = u64::from_le_bytes(len);
+        if len == 0 {
+            return Ok(());
+        }
+        let result = match session(st, sid, agent_id).await {
+            Ok(sess) => match stream_batch(st, io, len, idle).await {
+                Ok(resp) => {
+                    let mut s = sess.lock().await;
+                    s.stored_bytes += resp.stored_bytes;
+                    s.stored_chunks += resp.stored as u64;
+                    Ok(resp)
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let (status, body) = match &result {
+            Ok(resp) => (0u8, serde_json::to_vec(resp)),
+            Err(e) => (
+                1u8,
+                serde_json::to_vec(&ApiErrorBody {
+                    error: e.status().1.into(),
+                    message: e.to_string(),
+                }),
+            ),
+        };
+        let body = body.map_err(std::io::Error::other)?;
+        let mut frame = Vec::with_capacity(5 + body.len());
+        frame.push(status);
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        io.write_all(&frame).await?;
+        io.flush().await?;
+        if let Err(e) = result {
+            return Err(std::io::Error::other(e.to_string()));
+        }
+    }
+}
+
+/// Reads one batch of `len` bytes of chunk records from a chunk stream,
+/// each record's data straight into its own buffer, and stores them.
+async fn stream_batch<S>(
+    st: &SharedState,
+    io: &mut S,
+    len: u64,
+    idle: std::time::Duration,
+) -> Result<ChunksResponse, ApiError>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    if len > MAX_UPLOAD_BODY as u64 {
+        return Err(ApiError::BadRequest(
+            FrameError::BodyTooLarge(MAX_UPLOAD_BODY).to_string(),
+        ));
+    }
+    let broken = |e: std::io::Error| ApiError::BadRequest(format!("reading the chunk stream: {e}"));
+    let truncated = || ApiError::BadRequest(FrameError::Truncated("chunk").to_string());
+    let mut left = len as usize;
+    let mut sink = RecordSink::default();
+    while left > 0 {
+        let mut head = [0u8; RECORD_HEAD_LEN];
+        if left < head.len() {
+            return Err(truncated());
+        }
+        read_within(idle, io.read_exact(&mut head))
+            .await
+            .map_err(broken)?;
+        left -= head.len();
+        let w = parse_record_word(&head).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let base = if w.has_base {
+            let mut b = [0u8; RECORD_BASE_LEN];
+            if left < b.len() {
+                return Err(truncated());
+            }
+            read_within(idle, io.read_exact(&mut b))
+                .await
+                .map_err(broken)?;
+            left -= b.len();
+            Some(ChunkHash(b))
+        } else {
+            None
+        };
+        if w.len > left {
+            return Err(truncated());
+        }
+        let mut data = bytes::BytesMut::with_capacity(w.len);
+        while data.len() < w.len {
+            let want = (w.len - data.len()) as u64;
+            let n = read_within(idle, (&mut *io).take(want).read_buf(&mut data))
+                .await
+                .map_err(broken)?;
+            if n == 0 {
+                return Err(truncated());
+            }
+        }
+        left -= w.len;
+        sink.put(
+            st,
+            ChunkRecord {
+                hash: w.hash,
+                base,
+                patch: w.patch,
+                data: data.freeze(),
+            },
+        )
+        .await?;
+    }
+    sink.finish().await
+}
+
+/// A read of a chunk stream that must make progress within `idle`.
+async fn read_within<T>(
+    idle: std::time::Duration,
+    read: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(idle, read)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 type PutResult = (

@@ -38,6 +38,16 @@ pub struct AppState {
     pub cfg: GatewayConfig,
     pub sessions: Sessions,
     pub indexes: admin::IndexCache,
+    pub chunk_streams: ChunkStreams,
+}
+
+/// The upgraded chunk streams being served (see `agent::chunk_stream`):
+/// tracked, so that shutdown stops them between batches and waits for the
+/// batches in flight before it flushes the store.
+#[derive(Default)]
+pub struct ChunkStreams {
+    pub tasks: tokio_util::task::TaskTracker,
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -49,6 +59,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/agent/backups", post(agent::begin_backup))
         .route("/v1/agent/backups/{session}/lack", post(agent::lack))
         .route("/v1/agent/backups/{session}/chunks", post(agent::chunks))
+        .route(
+            "/v1/agent/backups/{session}/chunk-stream",
+            post(agent::chunk_stream),
+        )
         .route(
             "/v1/agent/backups/{session}/streams/{stream}/index",
             post(agent::stream_index),
