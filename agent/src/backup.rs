@@ -863,6 +863,13 @@ async fn upload(
     Ok(out)
 }
 
+/// The pool's idle streams (a poisoned lock is still usable: the list is
+/// whole at every unlock).
+fn free(pool: &StreamPool) -> std::sync::MutexGuard<'_, Option<Vec<ChunkStream>>> {
+    pool.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Sends one batch of chunk records over a chunk stream of `pool` (opened
 /// when none is free), or as a request when the gateway has no chunk
 /// streams or the stream breaks: the request path retries, and records are
@@ -873,22 +880,15 @@ async fn send_batch(
     pool: &StreamPool,
     body: Vec<bytes::Bytes>,
 ) -> anyhow::Result<ChunksResponse> {
-    let lock = |p: &StreamPool| {
-        p.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_mut()
-            .map(|free| free.pop())
-    };
-    let stream = match lock(pool) {
+    let taken = free(pool).as_mut().map(Vec::pop);
+    let stream = match taken {
         None => None,
         Some(Some(s)) => Some(s),
         Some(None) => match client.open_chunk_stream(sid).await {
             Ok(s) => Some(s),
             Err(ClientError::Status { status, message }) => {
                 tracing::info!(status, %message, "the gateway takes no chunk streams; uploading by request");
-                *pool
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                *free(pool) = None;
                 None
             }
             Err(e) => {
@@ -900,12 +900,8 @@ async fn send_batch(
     if let Some(mut s) = stream {
         match s.send(&body).await {
             Ok(r) => {
-                if let Some(free) = pool
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .as_mut()
-                {
-                    free.push(s);
+                if let Some(idle) = free(pool).as_mut() {
+                    idle.push(s);
                 }
                 return Ok(r);
             }
