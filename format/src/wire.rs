@@ -667,15 +667,10 @@ pub fn put_chunk_record_with_base(
 
 /// Bytes before a record's data: hash and length word, then the base hint
 /// when the length word's [`CHUNK_RECORD_BASE_FLAG`] is set.
-const RECORD_HEAD: usize = 36;
-const RECORD_HEAD_WITH_BASE: usize = RECORD_HEAD + 32;
-
-/// Bytes before a record's data without a base hint (`hash | length word`);
-/// a record whose length word has [`CHUNK_RECORD_BASE_FLAG`] carries
-/// [`RECORD_BASE_LEN`] more (the base hash).
-pub const RECORD_HEAD_LEN: usize = RECORD_HEAD;
+pub const RECORD_HEAD_LEN: usize = 36;
 /// Bytes of a record's base hint, after [`RECORD_HEAD_LEN`].
-pub const RECORD_BASE_LEN: usize = RECORD_HEAD_WITH_BASE - RECORD_HEAD;
+pub const RECORD_BASE_LEN: usize = 32;
+const RECORD_HEAD_WITH_BASE: usize = RECORD_HEAD_LEN + RECORD_BASE_LEN;
 
 /// What the first [`RECORD_HEAD_LEN`] bytes of a chunk record say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -697,7 +692,7 @@ pub fn parse_record_word(head: &[u8; RECORD_HEAD_LEN]) -> Result<RecordWord, Fra
     let mut h = [0u8; 32];
     h.copy_from_slice(&head[..32]);
     let mut l = [0u8; 4];
-    l.copy_from_slice(&head[32..RECORD_HEAD]);
+    l.copy_from_slice(&head[32..RECORD_HEAD_LEN]);
     let word = u32::from_le_bytes(l);
     let len = word & RECORD_LEN_MASK;
     if len > MAX_CHUNK_SIZE {
@@ -777,32 +772,32 @@ impl ChunkRecordSplitter {
                 }
                 continue;
             }
-            let want = if self.head_len >= RECORD_HEAD && self.has_base() {
+            let want = if self.head_len >= RECORD_HEAD_LEN && self.has_base() {
                 RECORD_HEAD_WITH_BASE
             } else {
-                RECORD_HEAD
+                RECORD_HEAD_LEN
             };
             let take = (want - self.head_len).min(piece.len());
             self.head[self.head_len..self.head_len + take].copy_from_slice(&piece[..take]);
             self.head_len += take;
             piece.advance(take);
-            if self.head_len < RECORD_HEAD {
+            if self.head_len < RECORD_HEAD_LEN {
                 continue;
             }
-            let mut first = [0u8; RECORD_HEAD];
-            first.copy_from_slice(&self.head[..RECORD_HEAD]);
+            let mut first = [0u8; RECORD_HEAD_LEN];
+            first.copy_from_slice(&self.head[..RECORD_HEAD_LEN]);
             let RecordWord {
                 hash,
                 len,
                 has_base,
                 patch,
             } = parse_record_word(&first)?;
-            if self.head_len < want || (want == RECORD_HEAD && has_base) {
+            if self.head_len < want || (want == RECORD_HEAD_LEN && has_base) {
                 continue;
             }
             let base = has_base.then(|| {
                 let mut b = [0u8; RECORD_BASE_LEN];
-                b.copy_from_slice(&self.head[RECORD_HEAD..RECORD_HEAD_WITH_BASE]);
+                b.copy_from_slice(&self.head[RECORD_HEAD_LEN..RECORD_HEAD_WITH_BASE]);
                 ChunkHash(b)
             });
             self.head_len = 0;
@@ -841,7 +836,7 @@ impl ChunkRecordSplitter {
 
     fn length_word(&self) -> u32 {
         let mut l = [0u8; 4];
-        l.copy_from_slice(&self.head[32..RECORD_HEAD]);
+        l.copy_from_slice(&self.head[32..RECORD_HEAD_LEN]);
         u32::from_le_bytes(l)
     }
 }

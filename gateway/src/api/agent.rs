@@ -469,13 +469,7 @@ where
         };
         let (status, body) = match &result {
             Ok(resp) => (0u8, serde_json::to_vec(resp)),
-            Err(e) => (
-                1u8,
-                serde_json::to_vec(&ApiErrorBody {
-                    error: e.status().1.into(),
-                    message: e.to_string(),
-                }),
-            ),
+            Err(e) => (1u8, serde_json::to_vec(&e.answer().1)),
         };
         let body = body.map_err(std::io::Error::other)?;
         let mut frame = Vec::with_capacity(5 + body.len());
@@ -537,16 +531,21 @@ where
         if w.len > left {
             return Err(truncated());
         }
-        let mut data = bytes::BytesMut::with_capacity(w.len);
-        while data.len() < w.len {
-            let want = (w.len - data.len()) as u64;
-            let n = read_within(idle, (&mut *io).take(want).read_buf(&mut data))
-                .await
-                .map_err(broken)?;
-            if n == 0 {
-                return Err(truncated());
+        let data = read_within(idle, async {
+            let mut data = bytes::BytesMut::with_capacity(w.len);
+            while data.len() < w.len {
+                let want = (w.len - data.len()) as u64;
+                if (&mut *io).take(want).read_buf(&mut data).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
             }
-        }
+            Ok(data)
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => truncated(),
+            _ => broken(e),
+        })?;
         left -= w.len;
         sink.put(
             st,
@@ -562,7 +561,8 @@ where
     sink.finish().await
 }
 
-/// A read of a chunk stream that must make progress within `idle`.
+/// A read of a chunk stream (a head, or one record's data) that must end
+/// within `idle`.
 async fn read_within<T>(
     idle: std::time::Duration,
     read: impl std::future::Future<Output = std::io::Result<T>>,

@@ -151,8 +151,10 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The status and body this error answers with (a server error is
+    /// logged): for a response, or an answer on a chunk stream.
+    fn answer(&self) -> (StatusCode, ApiErrorBody) {
         let (status, kind) = self.status();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
@@ -161,6 +163,13 @@ impl IntoResponse for ApiError {
             error: kind.into(),
             message: self.to_string(),
         };
+        (status, body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.answer();
         (status, Json(body)).into_response()
     }
 }
