@@ -74,5 +74,8 @@ pub fn server_config(
         .with_single_cert(vec![cert], key)
         .context("TLS certificate and key do not match")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // An upgraded chunk stream takes its connection's traffic secrets and
+    // protects its records itself (api/stream_conn.rs).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }

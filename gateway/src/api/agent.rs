@@ -13,6 +13,7 @@ use tierback_format::index::DiskIndex;
 use tierback_format::wire::*;
 
 use super::session::Session;
+use super::stream_conn::StreamConn;
 use super::{
     random_secret, secret_hash, AgentAuth, ApiError, SharedState, AGENT_CREDENTIAL_PREFIX,
 };
@@ -402,14 +403,21 @@ pub async fn chunk_stream(
     let agent_id = agent.id;
     let tasks = st.chunk_streams.tasks.clone();
     tasks.spawn(async move {
-        match on.await {
-            Ok(up) => {
-                let mut io = hyper_util::rt::TokioIo::new(up);
-                if let Err(e) = serve_chunk_stream(&st, &sid, &agent_id, &mut io).await {
-                    tracing::debug!(session = %sid, error = %e, "chunk stream ended");
-                }
+        use super::stream_conn::{take_over, Taken};
+        let served = match on.await.map_err(std::io::Error::other).and_then(take_over) {
+            Ok(Taken::Records(mut c)) => {
+                tracing::debug!(session = %sid, "chunk stream: TLS 1.3 records protected by the gateway");
+                serve_chunk_stream(&st, &sid, &agent_id, &mut *c).await
             }
-            Err(e) => tracing::debug!(session = %sid, error = %e, "chunk stream upgrade failed"),
+            Ok(Taken::Rustls(mut c)) => {
+                tracing::debug!(session = %sid, "chunk stream: through rustls");
+                serve_chunk_stream(&st, &sid, &agent_id, &mut *c).await
+            }
+            Ok(Taken::Other(mut c)) => serve_chunk_stream(&st, &sid, &agent_id, &mut c).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served {
+            tracing::debug!(session = %sid, error = %e, "chunk stream ended");
         }
     });
     axum::response::Response::builder()
@@ -426,16 +434,12 @@ pub async fn chunk_stream(
 /// otherwise [`ApiErrorBody`]). A failed batch ends the stream (its unread
 /// rest would be taken for the next batch); the agent sends it again on a
 /// new one.
-async fn serve_chunk_stream<S>(
+async fn serve_chunk_stream(
     st: &SharedState,
     sid: &str,
     agent_id: &str,
-    io: &mut S,
-) -> std::io::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io: &mut impl StreamConn,
+) -> std::io::Result<()> {
     let idle = std::time::Duration::from_secs(st.cfg.session_idle_timeout_secs);
     let stop = st.chunk_streams.stop.clone();
     loop {
@@ -476,8 +480,7 @@ where
         frame.push(status);
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&body);
-        io.write_all(&frame).await?;
-        io.flush().await?;
+        io.send(&frame).await?;
         if let Err(e) = result {
             return Err(std::io::Error::other(e.to_string()));
         }
@@ -485,17 +488,13 @@ where
 }
 
 /// Reads one batch of `len` bytes of chunk records from a chunk stream,
-/// each record's data straight into its own buffer, and stores them.
-async fn stream_batch<S>(
+/// each record's data into a buffer of its own, and stores them.
+async fn stream_batch(
     st: &SharedState,
-    io: &mut S,
+    io: &mut impl StreamConn,
     len: u64,
     idle: std::time::Duration,
-) -> Result<ChunksResponse, ApiError>
-where
-    S: tokio::io::AsyncRead + Unpin,
-{
-    use tokio::io::AsyncReadExt;
+) -> Result<ChunksResponse, ApiError> {
     if len > MAX_UPLOAD_BODY as u64 {
         return Err(ApiError::BadRequest(
             FrameError::BodyTooLarge(MAX_UPLOAD_BODY).to_string(),
@@ -531,21 +530,12 @@ where
         if w.len > left {
             return Err(truncated());
         }
-        let data = read_within(idle, async {
-            let mut data = bytes::BytesMut::with_capacity(w.len);
-            while data.len() < w.len {
-                let want = (w.len - data.len()) as u64;
-                if (&mut *io).take(want).read_buf(&mut data).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-            Ok(data)
-        })
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => truncated(),
-            _ => broken(e),
-        })?;
+        let data = read_within(idle, io.read_bytes(w.len))
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => truncated(),
+                _ => broken(e),
+            })?;
         left -= w.len;
         sink.put(
             st,
@@ -553,7 +543,7 @@ where
                 hash: w.hash,
                 base,
                 patch: w.patch,
-                data: data.freeze(),
+                data,
             },
         )
         .await?;

@@ -15,6 +15,7 @@ pub mod import;
 pub mod jobs;
 pub mod maintenance;
 mod session;
+mod stream_conn;
 
 use std::sync::Arc;
 
