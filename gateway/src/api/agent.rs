@@ -380,9 +380,11 @@ impl RecordSink {
 /// `POST /v1/agent/backups/{session}/chunk-stream` with `Upgrade:
 /// tierback-chunks/1` ([`CHUNK_STREAM_PROTOCOL`]): the chunk records of
 /// `chunks`, sent over the connection itself once it is upgraded, batch
-/// after batch (docs/protocol.md, "Chunk streams"). Each record is read
-/// straight into its own buffer, without HTTP body framing or the
-/// gathering copy a request body needs.
+/// after batch (docs/protocol.md, "Chunk streams"). Each record's data
+/// lands in a buffer of its own, without HTTP body framing or the
+/// gathering copy a request body needs; over TLS 1.3 the gateway protects
+/// the records itself and decrypts them in that buffer
+/// (`stream_conn::take_over`).
 pub async fn chunk_stream(
     State(st): State<SharedState>,
     AgentAuth(agent): AgentAuth,
