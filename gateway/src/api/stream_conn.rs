@@ -326,21 +326,23 @@ impl RecordStream {
             .max(1)
     }
 
-    /// Room for `wire` more received bytes, and `spare` at least. Only the
-    /// application data held and the partial record move into a new buffer
-    /// (spent framing between them is dropped).
+    /// Room for `wire` more received bytes, and `spare` at least: when the
+    /// buffer lacks it, a new one of just that size, into which only the
+    /// application data held and the partial record move (spent framing
+    /// between them is dropped). `BytesMut::reserve` would grow the old
+    /// buffer instead, doubling it and copying its dead front whenever the
+    /// chunks split off it were already stored.
     fn make_room(&mut self, wire: usize, spare: usize) {
         let need = wire.max(spare);
         if self.buf.capacity() - self.buf.len() >= need {
             return;
         }
-        if self.cipher > self.plain {
-            let end = self.buf.len();
-            self.buf.copy_within(self.cipher..end, self.plain);
-            self.buf.truncate(self.plain + end - self.cipher);
-            self.cipher = self.plain;
-        }
-        self.buf.reserve(need);
+        let pending = self.buf.len() - self.cipher;
+        let mut fresh = BytesMut::with_capacity(self.plain + pending + need);
+        fresh.extend_from_slice(&self.buf[..self.plain]);
+        fresh.extend_from_slice(&self.buf[self.cipher..]);
+        self.buf = fresh;
+        self.cipher = self.plain;
     }
 
     /// `frame` as the records that carry it.
