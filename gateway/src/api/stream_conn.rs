@@ -288,16 +288,18 @@ impl RecordStream {
         Ok(())
     }
 
-    /// Reads and decrypts until `want` bytes of application data are held,
-    /// asking the socket for `at_least` bytes at a time and reading into
-    /// `spare` bytes of room at least.
-    async fn fill(&mut self, want: usize, at_least: usize, spare: usize) -> io::Result<()> {
+    /// Reads and decrypts until `want` bytes of application data are held:
+    /// a head (`at_head`, read ahead by [`MIN_READ`]) or a chunk's data
+    /// (read no further than its records).
+    async fn fill(&mut self, want: usize, at_head: bool) -> io::Result<()> {
         while self.plain < want {
             if self.closed {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            let wire = self.wire_needed(want).max(at_least);
-            self.make_room(wire, spare);
+            let wire = self
+                .wire_needed(want)
+                .max(if at_head { MIN_READ } else { 0 });
+            self.make_room(wire, at_head);
             let n = self.tcp.read_buf(&mut (&mut self.buf).limit(wire)).await?;
             if n == 0 {
                 return Err(io::Error::new(
@@ -326,19 +328,21 @@ impl RecordStream {
             .max(1)
     }
 
-    /// Room for `wire` more received bytes, and `spare` at least: when the
-    /// buffer lacks it, a new one of just that size, into which only the
-    /// application data held and the partial record move (spent framing
-    /// between them is dropped). `BytesMut::reserve` would grow the old
-    /// buffer instead, doubling it and copying its dead front whenever the
-    /// chunks split off it were already stored.
-    fn make_room(&mut self, wire: usize, spare: usize) {
-        let need = wire.max(spare);
+    /// Room for `wire` more received bytes; at a head, room for the whole
+    /// chunk after it ([`Self::room`]), so that its head and data land in
+    /// one buffer. A new buffer gets [`Self::room`] at least (the framing a
+    /// read is sized by is a guess: records split where the agent's writes
+    /// do), and only the application data held and the partial record move
+    /// into it (spent framing between them is dropped). `BytesMut::reserve`
+    /// would grow the old buffer instead, doubling it and copying its dead
+    /// front whenever the chunks split off it were already stored.
+    fn make_room(&mut self, wire: usize, at_head: bool) {
+        let need = if at_head { wire.max(self.room) } else { wire };
         if self.buf.capacity() - self.buf.len() >= need {
             return;
         }
         let pending = self.buf.len() - self.cipher;
-        let mut fresh = BytesMut::with_capacity(self.plain + pending + need);
+        let mut fresh = BytesMut::with_capacity(self.plain + pending + need.max(self.room));
         fresh.extend_from_slice(&self.buf[..self.plain]);
         fresh.extend_from_slice(&self.buf[self.cipher..]);
         self.buf = fresh;
@@ -377,7 +381,7 @@ impl StreamConn for RecordStream {
     /// A head: read ahead, and a new buffer has room for the chunk after it
     /// (its head and data land in one).
     async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.fill(buf.len(), MIN_READ, self.room).await?;
+        self.fill(buf.len(), true).await?;
         buf.copy_from_slice(&self.buf[..buf.len()]);
         self.buf.advance(buf.len());
         self.consume(buf.len());
@@ -390,7 +394,7 @@ impl StreamConn for RecordStream {
     /// does not keep a chunk-sized buffer alive while it waits to be stored.
     async fn read_bytes(&mut self, n: usize) -> io::Result<Bytes> {
         self.room = self.room.max(wire_len(n) + MIN_READ);
-        self.fill(n, 0, 0).await?;
+        self.fill(n, false).await?;
         let data = if n < self.room / 8 {
             let data = Bytes::copy_from_slice(&self.buf[..n]);
             self.buf.advance(n);
