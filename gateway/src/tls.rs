@@ -61,6 +61,15 @@ pub fn server_config(
     cert_path: &Path,
     key_path: &Path,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    server_config_with(cert_path, key_path, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`server_config`] offering only `versions` (tests offer TLS 1.2 alone).
+pub(crate) fn server_config_with(
+    cert_path: &Path,
+    key_path: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let cert = read_cert(cert_path)?;
     let key_pem =
         std::fs::read(key_path).with_context(|| format!("reading {}", key_path.display()))?;
@@ -68,7 +77,7 @@ pub fn server_config(
         .with_context(|| format!("parsing {}", key_path.display()))?
         .with_context(|| format!("{} holds no private key", key_path.display()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(tierback_format::pin::provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .context("TLS protocol versions")?
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)

@@ -419,7 +419,8 @@ mod tests {
     use tokio_rustls::client::TlsStream as ClientTls;
 
     /// A TLS connection over loopback: the gateway's side (its own server
-    /// configuration, or one offering only TLS 1.2) and a rustls client's.
+    /// configuration, offering only TLS 1.2 with `tls12`) and a rustls
+    /// client's.
     async fn connect(
         tls12: bool,
         client_secrets: bool,
@@ -429,25 +430,12 @@ mod tests {
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert, &id.cert_pem).expect("cert");
         std::fs::write(&key, &id.key_pem).expect("key");
-        let server = if tls12 {
-            let certs = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .expect("certs");
-            let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
-                .expect("key pem")
-                .expect("a key");
-            let mut cfg =
-                rustls::ServerConfig::builder_with_provider(tierback_format::pin::provider())
-                    .with_protocol_versions(&[&rustls::version::TLS12])
-                    .expect("TLS 1.2")
-                    .with_no_client_auth()
-                    .with_single_cert(certs, key)
-                    .expect("server config");
-            cfg.enable_secret_extraction = true;
-            Arc::new(cfg)
+        let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
+            &[&rustls::version::TLS12]
         } else {
-            crate::tls::server_config(&cert, &key).expect("server config")
+            rustls::DEFAULT_VERSIONS
         };
+        let server = crate::tls::server_config_with(&cert, &key, versions).expect("server config");
         let mut client = tierback_format::pin::pinned_client_config(&id.fingerprint).expect("pin");
         client.enable_secret_extraction = client_secrets;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
