@@ -18,10 +18,11 @@
 //! compressing threads free them, so each network thread's arena grew to
 //! 45–50 MiB in a full backup. With one arena the gateway's peak RSS in a
 //! full backup of the benchmark disk fell from 142–158 MiB to 93–111 MiB at
-//! the same CPU time (docs/benchmarks.md). Buffers of a few KiB and less
-//! come from glibc's per-thread caches without the arena's lock, and the
-//! larger ones are a few thousand a second: one arena's lock is not
-//! contended at that rate.
+//! the same CPU time (docs/benchmarks.md). Buffers of 1 KiB and less come
+//! from glibc's per-thread caches without the arena's lock; the cost shows
+//! where many threads allocate at once: the catalog's warm lookups from
+//! eight connections ran 5–10 % slower, at 29 % less peak RSS
+//! (docs/scale.md, far above their targets either way).
 
 /// Allocations below this come from the arenas and are reused after free.
 pub const MMAP_THRESHOLD: usize = 32 << 20;

@@ -200,8 +200,11 @@ fn print_report(what: &str, r: &GcReport) {
     );
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    tierback_gateway::runtime()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     let a = parse()?;
     // Only a directory this example made (its marker inside) is removed.
     let marker = a.dir.join(MARKER);

@@ -558,8 +558,11 @@ async fn lookups_concurrent(
     Ok(ids.len() as f64 / t.elapsed().as_secs_f64())
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    tierback_gateway::runtime()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     let a = parse()?;
     // The catalog logs its merges (RUST_LOG=warn to silence them).
     tracing_subscriber::fmt()

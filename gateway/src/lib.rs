@@ -27,3 +27,14 @@ pub mod scheduler;
 pub mod server;
 pub mod setup;
 pub mod tls;
+
+/// The runtime every gateway program runs on, after setting the allocator
+/// as the gateway binary does (`tierback_format::malloc`): call it first
+/// thing in `main`, before any thread starts, so the examples that measure
+/// the gateway measure what ships.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tierback_format::malloc::tune();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
