@@ -22,8 +22,8 @@
 //! from glibc's per-thread caches without the arena's lock; the cost shows
 //! where many threads allocate at once: the catalog's warm lookups from
 //! eight connections ran 5–10 % slower, at 29 % less peak RSS
-//! (docs/scale.md, far above their targets either way), and a restore ~5 %
-//! slower (docs/benchmarks.md; two arenas may be the better balance).
+//! (docs/scale.md, far above their targets either way), and a restore 0–5 %
+//! slower (docs/benchmarks.md; two arenas would be the fallback).
 
 /// Allocations below this come from the arenas and are reused after free.
 pub const MMAP_THRESHOLD: usize = 32 << 20;
