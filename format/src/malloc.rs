@@ -17,20 +17,21 @@
 //! gateway's network threads allocate every chunk's buffer and the
 //! compressing threads free them, so each network thread's arena grew to
 //! 45–50 MiB in a full backup. With one arena the gateway's peak RSS in a
-//! full backup of the benchmark disk fell from 142–158 MiB to 93–111 MiB at
-//! the same CPU time (docs/benchmarks.md). Buffers of 1 KiB and less come
-//! from glibc's per-thread caches without the arena's lock; the cost shows
-//! where many threads allocate at once: the catalog's warm lookups from
-//! eight connections ran 5–10 % slower, at 29 % less peak RSS
-//! (docs/scale.md, far above their targets either way), and a restore 0–5 %
-//! slower (docs/benchmarks.md; two arenas would be the fallback).
+//! full backup of the benchmark disk fell from 131–158 MiB to 91–103 MiB
+//! at the same CPU time, with two to 111–122 MiB (docs/benchmarks.md).
+//! Buffers of 1 KiB and less come from glibc's per-thread caches without an
+//! arena's lock; the cost of few arenas shows where many threads allocate
+//! at once: with one, the catalog's warm lookups from eight connections ran
+//! 5–10 % slower (docs/scale.md) and restores inside the benchmark script
+//! missed their target in three of six runs, so two it is: restores then
+//! ran as with glibc's default in alternated runs.
 
 /// Allocations below this come from the arenas and are reused after free.
 pub const MMAP_THRESHOLD: usize = 32 << 20;
 /// Free memory an arena keeps at its top before giving it back.
 pub const TRIM_THRESHOLD: usize = 64 << 20;
 /// Arenas the allocator may use, for all threads together.
-pub const ARENAS: usize = 1;
+pub const ARENAS: usize = 2;
 
 /// Sets [`MMAP_THRESHOLD`], [`TRIM_THRESHOLD`] and [`ARENAS`] (glibc only;
 /// elsewhere a no-op). Call first thing in `main`, before any thread
